@@ -1,0 +1,113 @@
+"""The compact MNIST CNN whose only moving part is the normalization layer.
+
+Every convolution is followed by the same block: norm -> ReLU (-> dropout). Which
+normalization that is comes from one name -> layer map, ``NORM_LAYERS``, so the switch
+lives in one place (the pattern timm's ``create_norm.py`` uses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name -> factory(channels, num_groups). Every normalizing layer carries a per-channel
+# scale and shift, so "batch", "layer", "group" and "instance" have identical parameter
+# counts and differ only in which values share a mean and variance:
+#   batch    : per channel, over (N, H, W)         -- statistics shared across the batch
+#   layer    : per sample, over (C, H, W)          -- GroupNorm with one group
+#   group    : per sample, per group of channels   -- over (C/G, H, W)
+#   instance : per sample, per channel, over (H, W) -- GroupNorm with one channel a group
+NORM_LAYERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "batch": lambda channels, groups: nn.BatchNorm2d(channels),
+    "layer": lambda channels, groups: nn.GroupNorm(1, channels),
+    "group": lambda channels, groups: nn.GroupNorm(groups, channels),
+    "instance": lambda channels, groups: nn.GroupNorm(channels, channels),
+    "none": lambda channels, groups: nn.Identity(),
+}
+NORMS: tuple[str, ...] = tuple(NORM_LAYERS)
+
+# (name, out_channels, kernel) for each conv; "pool" is a 2x2 max-pool. Input 1x28x28.
+# Unpadded 3x3 convs shrink the map: 28 -> 26 -> 24 -> 22, pool -> 11, 1x1 transition,
+# then 11 -> 9 -> 7 -> 5 and global average pooling before a 1x1 classifier.
+ARCHITECTURE: tuple[tuple[str, int, int], ...] = (
+    ("conv1", 8, 3),
+    ("conv2", 12, 3),
+    ("conv3", 16, 3),
+    ("pool", 0, 2),
+    ("trans", 8, 1),
+    ("conv4", 12, 3),
+    ("conv5", 16, 3),
+    ("conv6", 20, 3),
+)
+
+
+def make_norm(norm: str, channels: int, num_groups: int = 4) -> nn.Module:
+    """Build the normalization layer called ``norm`` for ``channels`` channels."""
+    if norm not in NORM_LAYERS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
+    return NORM_LAYERS[norm](channels, num_groups)
+
+
+class Net(nn.Module):
+    """Compact CNN for 1x28x28 digits; returns N x 10 log-probabilities.
+
+    Args:
+        norm: which normalization every conv block uses (see ``NORMS``).
+        num_groups: groups for ``norm="group"``; must divide every conv's channels.
+        dropout: drop probability after each conv block (0 disables it).
+        architecture: the conv stack, as in ``ARCHITECTURE``; change it to study width.
+    """
+
+    def __init__(
+        self,
+        norm: str = "batch",
+        num_groups: int = 4,
+        dropout: float = 0.0,
+        architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        if norm not in NORM_LAYERS:
+            raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
+        if num_groups <= 0:
+            raise ValueError(f"num_groups must be positive, got {num_groups}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if num_classes <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.norm, self.num_groups, self.dropout = norm, num_groups, dropout
+
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for name, out_ch, kernel in architecture:
+            if name == "pool":
+                layers.append(nn.MaxPool2d(kernel))
+                continue
+            if out_ch <= 0 or kernel <= 0:
+                raise ValueError(f"layer {name}: channels and kernel must be positive")
+            if norm == "group" and out_ch % num_groups:
+                raise ValueError(
+                    f"num_groups={num_groups} does not divide layer {name}'s {out_ch} "
+                    f"channels; pick a divisor of {out_ch}"
+                )
+            block = [nn.Conv2d(in_ch, out_ch, kernel, bias=norm == "none"),
+                     make_norm(norm, out_ch, num_groups), nn.ReLU(inplace=True)]
+            if dropout > 0:
+                block.append(nn.Dropout(dropout))
+            layers.append(nn.Sequential(*block))
+            in_ch = out_ch
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Conv2d(in_ch, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.head(x.mean(dim=(2, 3), keepdim=True))
+        return F.log_softmax(x.flatten(1), dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,73 @@
+"""Shared fixtures: small IDX datasets written on the fly, and the real MNIST when present."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab.data import IMAGE_MAGIC, LABEL_MAGIC, DatasetSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def idx_bytes(tensor: torch.Tensor, magic: int) -> bytes:
+    """Encode a uint8 tensor as an IDX file (the inverse of normlab.data.parse_idx)."""
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
+    return header + tensor.to(torch.uint8).numpy().tobytes()
+
+
+def synthetic_digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Easy-to-learn 28x28 images: class k is a bright 6x6 block at a class-specific spot."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    labels = labels[torch.randperm(n, generator=g)]
+    images = (torch.rand(n, 28, 28, generator=g) * 40).to(torch.uint8)
+    for i, k in enumerate(labels.tolist()):
+        r, c = 3 + 8 * (k // 4), 3 + 6 * (k % 4)
+        images[i, r:r + 6, c:c + 6] = 255
+    return images, labels
+
+
+def write_dataset(folder: Path, n_train: int = 256, n_test: int = 128, gz: bool = True,
+                  name: str = "tiny", mirrors: tuple[str, ...] = ()) -> DatasetSpec:
+    """Write four IDX files into ``folder`` and return a spec whose checksums match them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = synthetic_digits(n, seed)
+        for kind, tensor, magic in (("images", images, IMAGE_MAGIC),
+                                    ("labels", labels, LABEL_MAGIC)):
+            fname = f"{split}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
+            data = idx_bytes(tensor, magic)
+            target = folder / (fname + ".gz" if gz else fname)
+            target.write_bytes(gzip.compress(data) if gz else data)
+            files[f"{split}-{kind}"] = (fname, hashlib.md5(data).hexdigest())
+    return DatasetSpec(name=name, files=files, counts={"train": n_train, "test": n_test},
+                       mirrors=mirrors, classes=tuple("0123456789"), mean=0.1, std=0.3)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> tuple[DatasetSpec, Path]:
+    folder = tmp_path / "tiny"
+    return write_dataset(folder), folder
+
+
+def real_mnist_dir() -> Path | None:
+    """The real MNIST files: $NORMLAB_DATA, else ../shared/data/mnist beside the checkout."""
+    for candidate in (os.environ.get("NORMLAB_DATA"), REPO.parent / "shared/data/mnist"):
+        if candidate and (Path(candidate) / "t10k-labels-idx1-ubyte.gz").exists():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    folder = real_mnist_dir()
+    if folder is None:
+        pytest.skip("real MNIST not available: set NORMLAB_DATA to a folder with the IDX files")
+    return folder
