@@ -1,0 +1,221 @@
+"""Training and evaluation: the canonical ``train`` / ``test`` loop, plus ``train_model``.
+
+``train`` and ``test`` follow pytorch/examples' mnist/main.py but return (loss, accuracy)
+so that histories can be plotted; ``train_model`` wires data, model, optimiser and
+schedule together for one variant and one seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Data, Loader, load_data, make_loaders
+from .model import Net
+
+History = dict[str, list[float]]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named study variant: which normalization, and whether it carries the L1 penalty."""
+
+    name: str
+    norm: str
+    label: str
+    l1: bool = False
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("bn+l1", "batch", "Batch Norm + L1", l1=True),
+    Variant("ln", "layer", "Layer Norm"),
+    Variant("gn", "group", "Group Norm"),
+    Variant("bn", "batch", "Batch Norm"),
+    Variant("in", "instance", "Instance Norm"),
+    Variant("none", "none", "No norm"),
+)}
+STUDY_VARIANTS = ("bn+l1", "ln", "gn")
+
+# Defaults shared by the CLI, the notebook and train_model.
+DEFAULTS = dict(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=0.0,
+                lambda_l1=1e-5, num_groups=4, dropout=0.0, seed=1)
+
+
+def select_device(name: str | None = None) -> torch.device:
+    """``None``/"auto" picks cuda, then mps, then cpu; otherwise the named device, checked."""
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise ValueError(f"device {name!r} is not available here; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and \
+            device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
+    return device
+
+
+def l1_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of |w| over convolution and linear *weights* (not biases, not norm scale/shift).
+
+    The norm layers' affine parameters are left out on purpose: shrinking them would fight
+    the normalization itself rather than sparsify the filters.
+    """
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return torch.stack([w.abs().sum() for w in weights]).sum()
+
+
+def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambda_l1: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss to minimise, data loss, log-probabilities): NLL + lambda_l1 * sum |w|."""
+    output = model(x)
+    data_loss = F.nll_loss(output, y)
+    loss = data_loss + lambda_l1 * l1_penalty(model) if lambda_l1 else data_loss
+    return loss, data_loss, output
+
+
+def train(model: nn.Module, device: torch.device, loader: Loader,
+          optimizer: torch.optim.Optimizer, lambda_l1: float = 0.0,
+          scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+          desc: str | None = None, progress: bool = True) -> tuple[float, float]:
+    """One epoch of training; returns (mean data loss, accuracy %) over the epoch's batches.
+
+    The reported loss is the NLL alone, so variants with and without L1 stay comparable.
+    """
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss, data_loss, output = objective(model, x, y, lambda_l1)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        # Accumulate on the device: no host sync per batch.
+        total_loss += data_loss.detach() * len(y)
+        correct += (output.argmax(1) == y).sum()
+        seen += len(y)
+    if not torch.isfinite(total_loss):
+        raise FloatingPointError("training loss became non-finite (NaN or inf)")
+    return total_loss.item() / seen, 100.0 * correct.item() / seen
+
+
+@torch.inference_mode()
+def test(model: nn.Module, device: torch.device, loader: Loader) -> tuple[float, float]:
+    """(mean NLL, accuracy %) of ``model`` over ``loader``, in eval mode."""
+    model.eval()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        output = model(x)
+        total_loss += F.nll_loss(output, y, reduction="sum")
+        correct += (output.argmax(1) == y).sum()
+        seen += len(y)
+    return total_loss.item() / seen, 100.0 * correct.item() / seen
+
+
+@dataclass
+class Misclassified:
+    """Test images a model gets wrong, as uint8 pixels, with predicted/true label and confidence."""
+
+    images: torch.Tensor  # n x 28 x 28 uint8
+    predicted: list[int]
+    target: list[int]
+    confidence: list[float]  # softmax probability of the predicted class
+    indices: list[int]  # positions in the test split
+
+
+@torch.inference_mode()
+def misclassified(model: nn.Module, device: torch.device, loader: Loader, n: int = 10
+                  ) -> Misclassified:
+    """The first ``n`` examples of ``loader`` (in order) that ``model`` gets wrong."""
+    model.eval()
+    found: list[tuple[int, int, int, float]] = []
+    offset = 0
+    for x, y in loader:
+        output = model(x.to(device))
+        prob, pred = output.exp().max(1)
+        for i in torch.nonzero(pred != y.to(device)).flatten().tolist():
+            found.append((offset + i, int(pred[i]), int(y[i]), float(prob[i])))
+        offset += len(y)
+        if len(found) >= n:
+            break
+    found = found[:n]
+    index = [f[0] for f in found]
+    images = loader.images[torch.tensor(index, dtype=torch.long, device=loader.images.device)]
+    return Misclassified(images.cpu(), [f[1] for f in found], [f[2] for f in found],
+                         [f[3] for f in found], index)
+
+
+def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4,
+                epochs: int = DEFAULTS["epochs"], seed: int = DEFAULTS["seed"],
+                batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
+                momentum: float = DEFAULTS["momentum"],
+                weight_decay: float = DEFAULTS["weight_decay"],
+                dropout: float = DEFAULTS["dropout"], device: str | torch.device | None = None,
+                data: Data | None = None, data_dir: str | None = None,
+                limit_train: int | None = None, name: str | None = None,
+                progress: bool = True,
+                on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                ) -> tuple[Net, History]:
+    """Train one model from scratch; returns it with per-epoch losses, accuracies and times.
+
+    Pass ``data`` (from ``load_data``) to reuse one in-memory copy across models; otherwise
+    MNIST is loaded from ``data_dir`` (first ``limit_train`` training images).
+
+    SGD with Nesterov momentum under a OneCycle schedule: a short warm-up and a long
+    anneal reach a good minimum in few epochs, which is what a 20-epoch budget needs.
+    ``on_epoch(epoch, row)`` is called after each epoch with that epoch's numbers.
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    if lambda_l1 < 0:
+        raise ValueError(f"the L1 weight must be >= 0, got {lambda_l1}")
+    device = device if isinstance(device, torch.device) else select_device(device)
+    torch.manual_seed(seed)
+    model = Net(norm, num_groups=num_groups, dropout=dropout).to(device)
+    if data is None:
+        data = load_data(data_dir, limit_train=limit_train)
+    train_loader, test_loader = make_loaders(data, batch_size, seed, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True,
+                                weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=len(train_loader))
+    history: History = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc",
+                                        "lr", "epoch_time")}
+    name = name or norm
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        lr_now = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train(model, device, train_loader, optimizer, lambda_l1,
+                                      scheduler, desc=f"{name} {epoch}/{epochs}",
+                                      progress=progress)
+        test_loss, test_acc = test(model, device, test_loader)
+        row = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+                   test_acc=test_acc, lr=lr_now, epoch_time=time.perf_counter() - start)
+        for key, value in row.items():
+            history[key].append(value)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    return model, history

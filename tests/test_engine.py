@@ -1,0 +1,132 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import synthetic_digits, write_dataset
+from normlab import engine
+from normlab.data import Loader, load_data
+from normlab.engine import l1_penalty, misclassified, objective, select_device, train, train_model
+from normlab.model import Net
+
+CPU = torch.device("cpu")
+
+
+def _hand_l1(model):
+    """Independent oracle: every conv/linear kernel is a parameter named *weight with dim > 1."""
+    return sum(p.abs().sum() for n, p in model.named_parameters()
+               if n.endswith("weight") and p.dim() > 1)
+
+
+def test_l1_term_changes_the_loss_by_exactly_lambda_times_sum_abs_w():
+    torch.manual_seed(0)
+    model = Net("batch").eval()
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    lam = 3e-4
+    with_l1, data_loss, _ = objective(model, x, y, lam)
+    without, _, _ = objective(model, x, y, 0.0)
+    torch.testing.assert_close(with_l1 - without, lam * _hand_l1(model), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(without, data_loss)
+
+
+def test_l1_leaves_norm_scale_and_shift_alone():
+    model = Net("group")
+    before = l1_penalty(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.weight.data.mul_(100)
+    assert l1_penalty(model) == before
+
+
+def _synthetic_loaders(n_train=512, n_test=200, batch_size=32, seed=0):
+    tx, ty = synthetic_digits(n_train, 0)
+    vx, vy = synthetic_digits(n_test, 1)
+    return (Loader(tx, ty, batch_size, shuffle=True, seed=seed, mean=0.1, std=0.3),
+            Loader(vx, vy, 100, mean=0.1, std=0.3))
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "group"])
+def test_a_few_hundred_steps_lower_the_loss(norm):
+    torch.manual_seed(0)
+    model = Net(norm)
+    train_loader, test_loader = _synthetic_loaders()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    start_loss, _ = engine.test(model, CPU, test_loader)
+    history = [train(model, CPU, train_loader, optimizer, lambda_l1=1e-5, progress=False)
+               for _ in range(16)]  # 16 epochs x 16 batches = 256 steps
+    end_loss, end_acc = engine.test(model, CPU, test_loader)
+    assert history[-1][0] < 0.5 * history[0][0]
+    assert end_loss < 0.5 * start_loss and end_acc > 80
+
+
+def test_test_returns_mean_nll_and_accuracy_of_the_whole_set():
+    torch.manual_seed(0)
+    model = Net("layer").eval()
+    _, loader = _synthetic_loaders()
+    x = torch.cat([b for b, _ in loader])
+    y = torch.cat([t for _, t in loader])
+    with torch.no_grad():
+        out = model(x)
+    loss, acc = engine.test(model, CPU, loader)
+    assert loss == pytest.approx(F.nll_loss(out, y).item(), rel=1e-5)
+    assert acc == pytest.approx(100 * (out.argmax(1) == y).float().mean().item())
+
+
+def test_misclassified_returns_only_wrong_predictions_in_order():
+    torch.manual_seed(1)
+    model = Net("batch").eval()  # untrained: plenty of mistakes
+    _, loader = _synthetic_loaders()
+    wrong = misclassified(model, CPU, loader, n=10)
+    assert len(wrong.predicted) == len(wrong.indices) == len(wrong.images) == 10
+    assert wrong.indices == sorted(wrong.indices)
+    x = torch.cat([b for b, _ in loader])
+    with torch.no_grad():
+        probs = model(x[wrong.indices]).exp()
+    assert probs.argmax(1).tolist() == wrong.predicted
+    assert loader.labels[wrong.indices].tolist() == wrong.target
+    assert all(p != t for p, t in zip(wrong.predicted, wrong.target, strict=True))
+    torch.testing.assert_close(probs.max(1).values, torch.tensor(wrong.confidence))
+    assert torch.equal(wrong.images, loader.images[wrong.indices])
+
+
+def test_misclassified_of_a_perfect_model_is_empty():
+    torch.manual_seed(0)
+    model = Net("batch").eval()
+    _, loader = _synthetic_loaders()
+    with torch.no_grad():  # relabel the data with the model's own predictions
+        predicted = torch.cat([model(x).argmax(1) for x, _ in loader])
+    agreed = Loader(loader.images, predicted, 100, mean=0.1, std=0.3)
+    assert misclassified(model, CPU, agreed, n=10).predicted == []
+
+
+def test_train_model_is_reproducible_and_records_every_epoch(tmp_path):
+    spec = write_dataset(tmp_path, n_train=320, n_test=100)
+    data = load_data(tmp_path, spec)
+    runs = [train_model("group", epochs=2, seed=4, batch_size=32, data=data, device="cpu",
+                        progress=False) for _ in range(2)]
+    (m1, h1), (m2, h2) = runs
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time"):
+        assert len(h1[key]) == 2
+    assert {k: v for k, v in h1.items() if k != "epoch_time"} == \
+           {k: v for k, v in h2.items() if k != "epoch_time"}
+    for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p1, p2)
+    other = train_model("group", epochs=2, seed=5, batch_size=32, data=data, device="cpu",
+                        progress=False)[1]
+    assert other["train_loss"] != h1["train_loss"]
+
+
+def test_train_model_rejects_bad_settings():
+    with pytest.raises(ValueError, match="epochs must be positive"):
+        train_model(epochs=0)
+    with pytest.raises(ValueError, match="L1 weight must be >= 0"):
+        train_model(lambda_l1=-1)
+
+
+def test_select_device():
+    assert select_device("cpu") == CPU
+    assert select_device(None).type in {"cpu", "cuda", "mps"}
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        select_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            select_device("cuda")
