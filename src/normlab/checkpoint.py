@@ -45,23 +45,14 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def save_model(model: Net, path: str | Path, **meta: Any) -> None:
     """Save the weights with what is needed to rebuild the model (norm, groups, dropout)."""
-    buffer = io.BytesIO()
     config = dict(norm=model.norm, num_groups=model.num_groups, dropout=model.dropout)
-    torch.save({"config": config, "meta": meta, "state_dict": model.state_dict()}, buffer)
-    atomic_write(path, buffer.getvalue())
+    _save(path, {"config": config, "meta": meta, "state_dict": model.state_dict()})
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Net:
     """Rebuild a ``Net`` saved by ``save_model``; never unpickles arbitrary objects."""
     path = Path(path)
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable normlab weights file ({first[:160]}); "
-                              f"it may be corrupt or unsafe: re-create it") from None
+    blob = _load(path, "weights file")
     if not isinstance(blob, dict) or not {"config", "state_dict"} <= blob.keys():
         raise CheckpointError(f"{path}: not a normlab weights file (no config/state_dict)")
     model = Net(**blob["config"])
@@ -70,4 +61,70 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ne
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit Net({blob['config']}): "
                               f"{str(exc).splitlines()[0]}") from None
-    return model
+    return model.to(map_location)
+
+def _save(path: str | Path, obj: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def _load(path: Path, what: str) -> Any:
+    """torch.load with weights_only=True, every failure turned into one CheckpointError line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable normlab {what} ({first}); it is corrupt "
+                              f"or unsafe: delete it to start that part again") from None
+
+
+def save_training_state(path: str | Path, config: dict[str, Any], epoch: int, model: Net,
+                        optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler,
+                        generator: torch.Generator, history: dict[str, list[float]]) -> None:
+    """Everything needed to continue training after ``epoch`` exactly as if never stopped."""
+    rng = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    _save(path, {"format": "normlab-training-state-1", "config": config, "epoch": epoch,
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": rng, "history": history})
+
+
+def load_training_state(path: str | Path, config: dict[str, Any], model: Net,
+                        optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler,
+                        generator: torch.Generator) -> tuple[int, dict[str, list[float]]]:
+    """Restore a ``save_training_state`` file into the given objects; (epoch, history).
+
+    Refuses a checkpoint made for another configuration (variant, architecture, schedule),
+    naming what differs, rather than silently training a hybrid.
+    """
+    path = Path(path)
+    state = _load(path, "training checkpoint")
+    if not isinstance(state, dict) or state.get("format") != "normlab-training-state-1":
+        raise CheckpointError(f"{path}: not a normlab training checkpoint; delete it to start "
+                              f"that variant again")
+    saved = state["config"]
+    differ = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+    if differ:
+        was = ", ".join(f"{k}={saved.get(k)}" for k in differ)
+        now = ", ".join(f"{k}={config.get(k)}" for k in differ)
+        raise CheckpointError(f"{path}: checkpoint is for {was} but this run has {now}; "
+                              f"resume with the run's own settings or use a new --out")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["loader"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint does not fit this model "
+                              f"({str(exc).splitlines()[0][:160]}); delete it to start that "
+                              f"variant again") from None
+    return int(state["epoch"]), state["history"]

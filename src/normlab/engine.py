@@ -10,16 +10,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import load_training_state, save_training_state
 from .data import Data, Loader, load_data, make_loaders
 from .model import Net
 
 History = dict[str, list[float]]
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN/inf; the message names the variant, epoch and batch."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +106,10 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
-    for x, y in bar:
+    for batch, (x, y) in enumerate(bar, 1):
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
         loss, data_loss, output = objective(model, x, y, lambda_l1)
@@ -110,12 +117,16 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        # Accumulate on the device: no host sync per batch.
+        # Accumulate on the device, and remember the first non-finite batch there too:
+        # no host sync per batch.
+        bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
+        first_bad = torch.where(bad, torch.tensor(batch, device=device), first_bad)
         total_loss += data_loss.detach() * len(y)
         correct += (output.argmax(1) == y).sum()
         seen += len(y)
-    if not torch.isfinite(total_loss):
-        raise FloatingPointError("training loss became non-finite (NaN or inf)")
+    if first_bad.item() >= 0:
+        raise FloatingPointError(f"loss became non-finite (NaN or inf) at batch "
+                                 f"{first_bad.item()} of {len(loader)}")
     return total_loss.item() / seen, 100.0 * correct.item() / seen
 
 
@@ -178,6 +189,7 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
                 limit_train: int | None = None, name: str | None = None,
                 progress: bool = True,
                 on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                checkpoint: str | Path | None = None,
                 ) -> tuple[Net, History]:
     """Train one model from scratch; returns it with per-epoch losses, accuracies and times.
 
@@ -187,6 +199,10 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     SGD with Nesterov momentum under a OneCycle schedule: a short warm-up and a long
     anneal reach a good minimum in few epochs, which is what a 20-epoch budget needs.
     ``on_epoch(epoch, row)`` is called after each epoch with that epoch's numbers.
+
+    With ``checkpoint``, the full training state (model, optimiser, schedule, RNG states,
+    history) is saved there atomically after every epoch, and an existing checkpoint is
+    resumed from: the result is identical to an uninterrupted run with the same seed.
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
@@ -205,17 +221,32 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     history: History = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc",
                                         "lr", "epoch_time")}
     name = name or norm
-    for epoch in range(1, epochs + 1):
+    # Everything that must match for a checkpoint to be continued by this call.
+    config = dict(norm=norm, num_groups=num_groups, dropout=dropout, lambda_l1=lambda_l1,
+                  epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, momentum=momentum,
+                  weight_decay=weight_decay, train_images=len(train_loader.labels))
+    done = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        done, history = load_training_state(checkpoint, config, model, optimizer, scheduler,
+                                            train_loader.generator)
+    for epoch in range(done + 1, epochs + 1):
         start = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train(model, device, train_loader, optimizer, lambda_l1,
-                                      scheduler, desc=f"{name} {epoch}/{epochs}",
-                                      progress=progress)
+        try:
+            train_loss, train_acc = train(model, device, train_loader, optimizer, lambda_l1,
+                                          scheduler, desc=f"{name} {epoch}/{epochs}",
+                                          progress=progress)
+        except FloatingPointError as exc:
+            raise TrainingDiverged(f"{name}: {exc} in epoch {epoch}; try a lower --lr"
+                                   f"{' or --l1' if lambda_l1 else ''}") from None
         test_loss, test_acc = test(model, device, test_loader)
         row = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                    test_acc=test_acc, lr=lr_now, epoch_time=time.perf_counter() - start)
         for key, value in row.items():
             history[key].append(value)
+        if checkpoint is not None:
+            save_training_state(checkpoint, config, epoch, model, optimizer, scheduler,
+                                train_loader.generator, history)
         if on_epoch is not None:
             on_epoch(epoch, row)
     return model, history

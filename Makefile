@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine: `make demo` (the 3-way, 20-epoch comparison)
+# and `make test`. Each creates .venv and installs what it needs first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# constraints.txt pins torch to the build these machines carry; elsewhere any recent
+# torch works: `make demo CONSTRAINTS=` lets pip choose.
+CONSTRAINTS ?= constraints.txt
+PIP    := $(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+ARGS   ?=
+
+.PHONY: demo test lint summary clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
+	@touch $@
+
+demo: $(VENV)/.installed  ## the full comparison: 3 variants x 20 epochs, then the report
+	$(BIN)/normlab compare $(ARGS)
+
+summary: $(VENV)/.installed
+	$(BIN)/normlab summary
+
+test: $(VENV)/.installed-dev  ## lint, then the whole test suite
+	$(BIN)/ruff check src tests
+	$(BIN)/pytest $(ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,319 @@
+"""The ``normlab`` command: ``compare`` trains the variants and writes the report,
+``summary`` prints each variant's layers, ``explain`` works the statistics by hand.
+
+Every expected failure (bad argument, bad data, unwritable folder) ends in one line on
+stderr and a non-zero exit, never a traceback; finished variants are on disk before the
+next one starts, so an interruption loses at most the variant in progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import explain
+from .checkpoint import CheckpointError, atomic_write, save_model, write_json
+from .data import DATASETS, Data, DataError, Loader, load_data, make_loaders
+from .engine import (
+    DEFAULTS,
+    STUDY_VARIANTS,
+    VARIANTS,
+    TrainingDiverged,
+    misclassified,
+    select_device,
+    train_model,
+)
+from .model import Net, count_parameters
+from .plots import plot_curves, plot_misclassified
+from .report import environment, render_report
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for, reported as one line with exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(STUDY_VARIANTS),
+                   metavar="VARIANT", help=f"which variants (default: {' '.join(STUDY_VARIANTS)}; "
+                   f"choices: {', '.join(VARIANTS)})")
+    p.add_argument("--num-groups", type=positive_int, default=DEFAULTS["num_groups"],
+                   help="groups for Group Norm; must divide every layer's channels (default: 4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normlab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compare", help="train the variants and write metrics, figures, report",
+                       description="Train each variant from the same seed and write "
+                       "metrics.json, figures, report.md and weights into --out.")
+    _add_model_options(p)
+    p.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
+                   help="peak learning rate of the one-cycle schedule (default: %(default)s)")
+    p.add_argument("--l1", type=non_negative_float, default=DEFAULTS["lambda_l1"],
+                   metavar="LAMBDA", help="L1 weight for variants with L1 (default: %(default)s)")
+    p.add_argument("--dataset", choices=list(DATASETS), default="mnist")
+    p.add_argument("--data-dir", help="folder with the four IDX files (default: $NORMLAB_DATA, "
+                   "else a per-user cache; missing files are downloaded)")
+    p.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--limit-train", type=positive_int, metavar="N",
+                   help="train on the first N training images only (quick runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", type=Path, metavar="OUTDIR",
+                   help="continue the run in OUTDIR with its own settings: finished variants "
+                   "are kept, the interrupted one continues from its last finished epoch")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("summary", help="print a torchinfo summary of each variant")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_summary)
+
+    explain.add_parser(sub)
+    return parser
+
+
+def build_models(variants: list[str], num_groups: int) -> dict[str, Net]:
+    """One untrained model per variant; raises UsageError for an impossible combination."""
+    try:
+        return {name: Net(VARIANTS[name].norm, num_groups=num_groups) for name in variants}
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def prepare_out(out: Path | None) -> Path:
+    """Create the output folder (a fresh one under runs/ by default) and prove it writable."""
+    if out is None:
+        out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S-compare")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if (out / "metrics.json").exists():
+        raise UsageError(f"--out {out} already holds a run (metrics.json); continue it with "
+                         f"--resume {out}, or choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".normlab-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to --out {out} ({exc.strerror}); choose a writable "
+                         f"folder") from None
+    return out
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from torchinfo import summary
+
+    for name, model in build_models(args.variants, args.num_groups).items():
+        print(f"== {name}: {VARIANTS[name].label} ({count_parameters(model):,} parameters)")
+        print(summary(model, input_size=(1, 1, 28, 28), verbose=0,
+                      col_names=("output_size", "num_params")))
+        print()
+    return 0
+
+
+def open_resume(out: Path) -> dict[str, Any]:
+    """The metrics.json of the run in ``out``, checked enough to continue it."""
+    path = out / "metrics.json"
+    if not out.is_dir():
+        raise UsageError(f"--resume {out}: no such folder")
+    if not path.exists():
+        raise UsageError(f"--resume {out}: not a normlab run folder (no metrics.json); "
+                         f"start a new run with --out")
+    try:
+        metrics = json.loads(path.read_text())
+        config = metrics["config"]
+        for key in ("variants", "epochs", "seed", "batch_size", "lr", "lambda_l1",
+                    "num_groups", "dataset"):
+            config[key]  # noqa: B018 - presence check
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot resume "
+                         f"from it: start a new run with --out") from None
+    return metrics
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` so that two runs never write into one folder."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows: no lock, as before
+        yield
+        return
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another normlab run is writing to {out}; wait for it to finish "
+                             f"or choose another --out") from None
+        yield
+
+
+def new_metrics(args: argparse.Namespace, data: Data, device: torch.device) -> dict[str, Any]:
+    return {
+        "command": shlex.join(["normlab", *args.argv]),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": dict(variants=args.variants, epochs=args.epochs, seed=args.seed,
+                       batch_size=args.batch_size, lr=args.lr, lambda_l1=args.l1,
+                       num_groups=args.num_groups, dataset=args.dataset,
+                       limit_train=args.limit_train, train_images=len(data.train_labels),
+                       test_images=len(data.test_labels)),
+        "environment": environment(device),
+        "variants": {},
+        "wall_time_s": 0.0,
+    }
+
+
+def run_variant(name: str, args: argparse.Namespace, data: Data, device: torch.device,
+                out: Path, test_loader: Loader) -> dict[str, Any]:
+    """Train one variant (resuming its checkpoint if any) and write its weights and figure."""
+    variant = VARIANTS[name]
+    lambda_l1 = args.l1 if variant.l1 else 0.0
+
+    def log(epoch: int, row: dict[str, float]) -> None:
+        tqdm.write(f"  {name} epoch {epoch:2d}/{args.epochs}  lr {row['lr']:.4f}  "
+                   f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
+                   f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  "
+                   f"{row['epoch_time']:5.1f}s")
+
+    record = dict(label=variant.label, norm=variant.norm, lambda_l1=lambda_l1,
+                  params=count_parameters(Net(variant.norm, num_groups=args.num_groups)))
+    checkpoint = out / "checkpoints" / f"{name}.ckpt"
+    try:
+        model, history = train_model(
+            variant.norm, lambda_l1=lambda_l1, num_groups=args.num_groups, epochs=args.epochs,
+            seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=device, data=data,
+            name=name, progress=not args.no_progress, on_epoch=log, checkpoint=checkpoint)
+    except TrainingDiverged as exc:
+        print(f"normlab compare: error: {exc}; carrying on with the other variants",
+              file=sys.stderr)
+        return {**record, "failed": str(exc)}
+    save_model(model, out / f"{name}.pt", variant=name, seed=args.seed,
+               test_acc=history["test_acc"][-1])
+    wrong = misclassified(model, device, test_loader, n=10)
+    plot_misclassified(wrong, f"{variant.label} ({name})", data.spec.classes,
+                       out / f"misclassified_{name}.png")
+    run = dict(seed=args.seed, wall_time_s=sum(history["epoch_time"]), history=history,
+               misclassified=dict(index=wrong.indices, predicted=wrong.predicted,
+                                  target=wrong.target, confidence=wrong.confidence))
+    return {**record, "runs": [run]}
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    metrics = None
+    if args.resume:
+        metrics = open_resume(args.resume)
+        for key, value in metrics["config"].items():  # the run's own settings, not defaults
+            setattr(args, {"lambda_l1": "l1"}.get(key, key), value)
+        out = args.resume
+    build_models(args.variants, args.num_groups)
+    try:
+        device = select_device(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not args.resume:
+        out = prepare_out(args.out)
+    args.out = out  # named in the message if interrupted
+    with run_lock(out):
+        data = load_data(args.data_dir, args.dataset, args.limit_train)
+        if metrics is None:
+            metrics = new_metrics(args, data, device)
+            write_json(out / "metrics.json", metrics)
+        (out / "checkpoints").mkdir(exist_ok=True)
+        verb = "resuming" if args.resume else "writing to"
+        print(f"normlab compare: {len(args.variants)} variants x {args.epochs} epochs on "
+              f"{len(data.train_labels):,} {args.dataset} images, device {device}; {verb} {out}")
+        _, test_loader = make_loaders(data, args.batch_size, args.seed, device)
+        for i, name in enumerate(args.variants, 1):
+            print(f"[{i}/{len(args.variants)}] {name}: {VARIANTS[name].label}", end="")
+            if name in metrics["variants"]:
+                print(" - finished earlier, kept")
+                continue
+            print()
+            metrics["variants"][name] = run_variant(name, args, data, device, out, test_loader)
+            metrics["wall_time_s"] = sum(r["wall_time_s"] for v in metrics["variants"].values()
+                                         for r in v.get("runs", []))
+            write_json(out / "metrics.json", metrics)  # finished variants survive what follows
+            (out / "checkpoints" / f"{name}.ckpt").unlink(missing_ok=True)
+        if not any((out / "checkpoints").iterdir()):
+            (out / "checkpoints").rmdir()
+        finish(out, metrics)
+    return 1 if any("failed" in v for v in metrics["variants"].values()) else 0
+
+
+def finish(out: Path, metrics: dict[str, Any]) -> None:
+    """The curves figure, report.md and a summary table, from metrics.json's contents."""
+    done = {name: v for name, v in metrics["variants"].items() if "runs" in v}
+    plot_curves({f"{v['label']} ({name})": [r["history"] for r in v["runs"]]
+                 for name, v in done.items()}, out / "curves.png")
+    atomic_write(out / "report.md", render_report(metrics))
+    print(f"\n{'variant':8s} {'params':>7s} {'final test acc':>15s}")
+    for name, v in metrics["variants"].items():
+        result = f"{v['runs'][0]['history']['test_acc'][-1]:14.2f}%" if "runs" in v else "failed"
+        print(f"{name:8s} {v['params']:7,d} {result:>15s}")
+    print(f"\nreport: {out / 'report.md'}  ({metrics['wall_time_s']:.0f} s of training)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv  # recorded in metrics.json and the report, to reproduce the run
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        parser.exit(2, f"normlab {args.command}: error: {exc}\n")
+    except DataError as exc:
+        parser.exit(1, f"normlab {args.command}: data error: {exc}\n")
+    except CheckpointError as exc:
+        parser.exit(1, f"normlab {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        hint = f"; resume with: normlab compare --resume {out}" if out else ""
+        parser.exit(130, f"\nnormlab {args.command}: interrupted; every finished epoch is "
+                         f"saved{hint}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Figures: test curves for all variants together, and a 5x2 grid of misclassified digits.
+
+Built on matplotlib's object API (``Figure``, no pyplot state), so they render the same in
+a headless run, a test and a notebook, and never open a window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .engine import Misclassified
+
+History = Mapping[str, Sequence[float]]
+
+
+def plot_curves(histories: Mapping[str, Sequence[History]], path: str | Path | None = None
+                ) -> Figure:
+    """Test loss and test accuracy per epoch, one line per variant, in two panels.
+
+    ``histories`` maps a variant's label to its runs (one history per seed). With several
+    seeds the line is the mean and the band spans the lowest to the highest seed.
+    """
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for label, runs in histories.items():
+        for ax, key, fmt in ((ax_loss, "test_loss", "{:.4f}"), (ax_acc, "test_acc", "{:.2f}%")):
+            values = np.array([run[key] for run in runs], dtype=float)
+            epochs = np.arange(1, values.shape[1] + 1)
+            mean = values.mean(0)
+            seeds = f" (mean of {len(runs)} seeds)" if len(runs) > 1 else ""
+            (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=label + seeds)
+            if len(runs) > 1:
+                ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2,
+                                color=line.get_color(), linewidth=0)
+            ax.annotate(fmt.format(mean[-1]), (epochs[-1], mean[-1]), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize=8,
+                        color=line.get_color())
+    ax_loss.set(title="Test loss", xlabel="epoch", ylabel="mean NLL per image (nats)",
+                yscale="log")
+    ax_acc.set(title="Test accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    # The interesting part of the accuracy curve is the last percent; keep epoch 1 visible
+    # only if it is already close.
+    low = min(min(run["test_acc"][min(2, len(run["test_acc"]) - 1)] for run in runs)
+              for runs in histories.values()) if histories else 0
+    ax_acc.set_ylim(bottom=max(low - 0.5, 90), top=100)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.margins(x=0.08)
+    fig.suptitle("Batch vs Layer vs Group Normalization on the test set "
+                 "(final values annotated)")
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
+                       path: str | Path | None = None, rows: int = 5, cols: int = 2) -> Figure:
+    """The misclassified digits as a rows x cols grid, each captioned predicted vs true."""
+    fig = Figure(figsize=(2.6 * cols, 2.0 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= len(mis.predicted):
+            ax.set_axis_off()
+            continue
+        ax.imshow(mis.images[i].numpy(), cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"predicted {classes[mis.predicted[i]]} ({mis.confidence[i]:.0%})\n"
+                     f"true {classes[mis.target[i]]}  (test #{mis.indices[i]})", fontsize=9)
+    fig.suptitle(f"{title}: {len(mis.predicted)} misclassified test images")
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig

@@ -1,0 +1,162 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from normlab import data as D
+from normlab import engine
+from normlab.checkpoint import load_model
+from normlab.cli import main
+from normlab.data import load_data, make_loaders
+from normlab.engine import Misclassified
+from normlab.plots import plot_curves, plot_misclassified
+
+STUDY = ("bn+l1", "ln", "gn")
+
+
+@pytest.fixture
+def tiny_mnist(tiny, monkeypatch):
+    """Make the CLI's "mnist" the tiny synthetic set, so end-to-end runs take seconds."""
+    spec, folder = tiny
+    monkeypatch.setitem(D.DATASETS, "mnist", spec)
+    return spec, folder
+
+
+def test_compare_writes_every_artefact(tiny_mnist, tmp_path, capsys):
+    spec, folder = tiny_mnist
+    out = tmp_path / "run"
+    code = main(["compare", "--epochs", "2", "--batch-size", "32", "--data-dir", str(folder),
+                 "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert names == {"metrics.json", "report.md", "curves.png",
+                     *(f"misclassified_{v}.png" for v in STUDY), *(f"{v}.pt" for v in STUDY)}
+    printed = capsys.readouterr().out
+    for v in STUDY:  # one summary line per epoch per variant
+        assert printed.count(f"  {v} epoch ") == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["variants"]) == list(STUDY)
+    assert metrics["config"]["epochs"] == 2 and metrics["config"]["train_images"] == 256
+    assert metrics["variants"]["bn+l1"]["lambda_l1"] > 0 == metrics["variants"]["gn"]["lambda_l1"]
+    for key in ("torch", "python", "git_revision", "cpu", "device"):
+        assert key in metrics["environment"]
+    report = (out / "report.md").read_text()
+    assert "| bn+l1 (seed 1) | Batch Norm + L1 |" in report and "![" in report
+    assert "normlab compare" in report and metrics["environment"]["git_revision"] in report
+
+    # The saved weights reproduce the recorded final accuracy exactly.
+    data = load_data(folder, spec)
+    _, test_loader = make_loaders(data, 32, 1)
+    for v in STUDY:
+        model = load_model(out / f"{v}.pt")
+        loss, acc = engine.test(model, torch.device("cpu"), test_loader)
+        assert acc == metrics["variants"][v]["runs"][0]["history"]["test_acc"][-1]
+
+
+def test_compare_refuses_to_overwrite_a_finished_run(tiny_mnist, tmp_path, capsys):
+    _, folder = tiny_mnist
+    args = ["compare", "--epochs", "1", "--variants", "gn", "--data-dir", str(folder),
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(args) == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def _error_of(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_.value.code, err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "argument --epochs: must be positive, got 0"),
+    (["--batch-size", "-4"], "argument --batch-size: must be positive"),
+    (["--l1", "-0.1"], "argument --l1: must be >= 0"),
+    (["--lr", "fast"], "argument --lr: expected a number"),
+    (["--variants", "bn", "wn"], "argument --variants: invalid choice: 'wn'"),
+    (["--num-groups", "3"], "num_groups=3 does not divide layer conv1's 8 channels"),
+    (["--num-groups", "0"], "argument --num-groups: must be positive"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(args, message, capsys, tmp_path):
+    code, line = _error_of(["compare", "--out", str(tmp_path / "o"), *args], capsys)
+    assert code == 2 and message in line
+
+
+def test_output_path_that_is_a_file_or_unwritable(tmp_path, capsys, tiny_mnist):
+    f = tmp_path / "file"
+    f.write_text("")
+    code, line = _error_of(["compare", "--out", str(f)], capsys)
+    assert code == 2 and "is a file" in line
+    code, line = _error_of(["compare", "--out", str(f / "below")], capsys)
+    assert code == 2 and "cannot write to --out" in line
+
+
+def test_bad_data_gives_one_line_and_exit_1(tiny_mnist, tmp_path, capsys):
+    _, folder = tiny_mnist
+    path = folder / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-30])
+    code, line = _error_of(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "o")],
+                           capsys)
+    assert code == 1 and "train-labels-idx1-ubyte.gz" in line and "gzip" in line
+
+
+def test_summary_prints_each_variant(capsys):
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
+    for v in STUDY:
+        assert f"== {v}:" in out
+    assert out.count("8,658 parameters") == 3 and "Total params: 8,658" in out
+
+
+def test_misclassified_figure_is_a_5x2_grid():
+    mis = Misclassified(torch.zeros(10, 28, 28, dtype=torch.uint8), list(range(10)),
+                        [(i + 1) % 10 for i in range(10)], [0.5] * 10, list(range(10)))
+    fig = plot_misclassified(mis, "Group Norm", tuple("0123456789"))
+    axes = fig.get_axes()
+    assert len(axes) == 10
+    assert {ax.get_subplotspec().get_geometry()[:2] for ax in axes} == {(5, 2)}
+    assert axes[3].get_title().startswith("predicted 3 (50%)\ntrue 4")
+    assert "Group Norm" in fig._suptitle.get_text()
+
+
+def test_curves_figure_has_two_labelled_panels_with_a_legend():
+    h = dict(test_loss=[0.1, 0.05], test_acc=[98.0, 99.0])
+    fig = plot_curves({"BN": [h], "GN": [h, h]})
+    loss_ax, acc_ax = fig.get_axes()
+    assert loss_ax.get_title() == "Test loss" and acc_ax.get_title() == "Test accuracy"
+    assert acc_ax.get_xlabel() == "epoch" and "%" in acc_ax.get_ylabel()
+    labels = [t.get_text() for t in acc_ax.get_legend().get_texts()]
+    assert labels == ["BN", "GN (mean of 2 seeds)"]
+
+
+@pytest.mark.slow
+def test_one_epoch_of_bn_l1_on_real_mnist_reaches_98_percent(mnist_dir):
+    from normlab.engine import train_model
+
+    _, history = train_model("batch", lambda_l1=1e-5, epochs=1, data_dir=str(mnist_dir),
+                             device="cpu", progress=False)
+    assert history["test_acc"][-1] >= 98.0
+
+
+@pytest.mark.slow
+def test_command_line_end_to_end_on_real_mnist(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "NORMLAB_DATA": str(mnist_dir)}
+    result = subprocess.run(
+        [sys.executable, "-m", "normlab", "compare", "--epochs", "2", "--limit-train", "2000",
+         "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "report: " in result.stdout and (out / "report.md").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["test_images"] == 10000
+    for v in metrics["variants"].values():
+        loss = v["runs"][0]["history"]["train_loss"]
+        assert len(loss) == 2 and loss[1] < loss[0]
