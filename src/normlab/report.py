@@ -60,7 +60,10 @@ def _summary_rows(metrics: dict[str, Any]) -> list[str]:
             "| final test loss | reference study | wall time |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, v in metrics["variants"].items():
-        for run in v["runs"]:
+        if "failed" in v:
+            rows.append(f"| {name} | {v['label']} | {v['params']:,} | **failed**: {v['failed']} "
+                        f"| | | | |")
+        for run in v.get("runs", []):
             h = run["history"]
             best = int(np.argmax(h["test_acc"]))
             ref = REFERENCE_ACC.get(name)
@@ -96,7 +99,9 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
     ]
     for name, v in metrics["variants"].items():
-        lines += [f"### {v['label']} ({name})", "", f"![{name}](misclassified_{name}.png)", ""]
+        if "runs" in v:
+            lines += [f"### {v['label']} ({name})", "", f"![{name}](misclassified_{name}.png)",
+                      ""]
     config = ", ".join(f"{k}={v}" for k, v in cfg.items())
     lines += [
         "## Reproduce",

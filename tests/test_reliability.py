@@ -1,0 +1,317 @@
+"""Interrupt/resume, safe loading, numerical faults and bad input, end to end."""
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab import data as D
+from normlab import engine
+from normlab.checkpoint import CheckpointError, atomic_write, load_model, save_model
+from normlab.cli import main
+from normlab.model import Net
+
+TESTS = Path(__file__).resolve().parent
+
+# Runs the real CLI in a child process on a synthetic dataset big enough that an epoch
+# takes a moment (so a signal can land mid-epoch).
+DRIVER = """
+import os
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from conftest import write_dataset
+from normlab import data as D
+from normlab.cli import main
+D.DATASETS["mnist"] = write_dataset(Path({folder!r}), n_train=3000, n_test=200)
+os.environ[D.ENV_VAR] = {folder!r}
+sys.exit(main(sys.argv[1:]))
+"""
+ARGS = ["compare", "--variants", "gn", "ln", "--epochs", "3", "--batch-size", "32",
+        "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture
+def driver(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=str(TESTS), folder=str(tmp_path / "data")))
+
+    def start(*args):
+        return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return start
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _results(out: Path) -> dict:
+    """Everything a run reports except timings, and its weights."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    for v in metrics["variants"].values():
+        for run in v["runs"]:
+            run["history"].pop("epoch_time")
+            run.pop("wall_time_s")
+    weights = {name: load_model(out / f"{name}.pt").state_dict()
+               for name in metrics["variants"]}
+    return {"variants": metrics["variants"], "weights": weights}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["variants"] == b["variants"]
+    for name in a["weights"]:
+        for key, tensor in a["weights"][name].items():
+            assert torch.equal(tensor, b["weights"][name][key]), (name, key)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(driver, tmp_path):
+    whole = driver(*ARGS, "--out", str(tmp_path / "whole"))
+    assert whole.wait(timeout=300) == 0, whole.communicate()
+
+    out = tmp_path / "killed"
+    proc = driver(*ARGS, "--out", str(out))
+    # gn finished and ln has one epoch checkpointed: kill during ln's second epoch.
+    _wait_for(out / "checkpoints" / "ln.ckpt", proc)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # it really was killed, not finished
+    finished = json.loads((out / "metrics.json").read_text())["variants"]
+    assert list(finished) == ["gn"]  # the finished variant was on disk already
+
+    resumed = driver("compare", "--resume", str(out))
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "gn: Group Norm - finished earlier, kept" in stdout
+    assert "ln epoch  1/3" not in stdout and "ln epoch  2/3" in stdout  # continued, not redone
+    _assert_same(_results(tmp_path / "whole"), _results(out))
+    assert not (out / "checkpoints").exists()  # cleaned up once every variant finished
+
+
+def test_ctrl_c_saves_says_how_to_resume_and_exits_non_zero(driver, tmp_path):
+    out = tmp_path / "run"
+    proc = driver(*ARGS, "--out", str(out))
+    _wait_for(out / "checkpoints" / "gn.ckpt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    last = stderr.strip().splitlines()[-1]
+    assert f"interrupted; every finished epoch is saved; resume with: normlab compare " \
+           f"--resume {out}" in last
+    assert "Traceback" not in stderr
+    assert (out / "checkpoints" / "gn.ckpt").exists()
+    json.loads((out / "metrics.json").read_text())  # still valid
+
+
+@pytest.fixture
+def tiny_mnist(tiny, monkeypatch):
+    spec, folder = tiny
+    monkeypatch.setitem(D.DATASETS, "mnist", spec)
+    return spec, folder
+
+
+def _fail(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_.value.code, err.strip().splitlines()[-1]
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # as a running normlab would hold it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, line = _fail(["compare", "--out", str(out), "--epochs", "1"], capsys)
+    assert code == 2 and "another normlab run is writing to" in line
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_weights_file_is_refused_without_running_its_payload(tmp_path):
+    Payload.marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"config": {"norm": "batch"}, "state_dict": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="not a loadable normlab weights file"):
+        load_model(evil)
+    assert not Payload.marker.exists()
+
+
+def test_malicious_checkpoint_in_a_resume_folder(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    _, folder = tiny_mnist
+    assert main(["compare", "--variants", "gn", "ln", "--epochs", "1", "--data-dir", str(folder),
+                 "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    del metrics["variants"]["ln"]  # as if killed during ln
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    (out / "checkpoints").mkdir()
+    Payload.marker = tmp_path / "pwned"
+    torch.save(Payload(), out / "checkpoints" / "ln.ckpt")
+    code, line = _fail(["compare", "--resume", str(out), "--data-dir", str(folder)], capsys)
+    assert code == 1 and "ln.ckpt: not a loadable normlab training checkpoint" in line
+    assert not Payload.marker.exists()
+
+
+def test_checkpoint_of_another_variant_is_refused_naming_both(tiny, tmp_path):
+    spec, folder = tiny
+    data = D.load_data(folder, spec)
+    ckpt = tmp_path / "state.ckpt"
+    engine.train_model("layer", epochs=2, batch_size=64, data=data, device="cpu",
+                       progress=False, checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="checkpoint is for norm=layer but this run has "
+                                              "norm=group"):
+        engine.train_model("group", epochs=2, batch_size=64, data=data, device="cpu",
+                           progress=False, checkpoint=ckpt)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "w.pt"
+    save_model(Net("batch"), path)
+    blob = torch.load(path, weights_only=True)
+    blob["config"]["norm"] = "none"  # no norm layers: the state dict cannot fit
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("damage, code, message", [
+    (lambda out: (out / "metrics.json").write_text("{ not json"), 2, "metrics.json is corrupt"),
+    (lambda out: (out / "metrics.json").write_text('{"config": {}}'), 2,
+     "metrics.json is corrupt"),
+    (lambda out: (out / "metrics.json").unlink(), 2, "not a normlab run folder"),
+    (lambda out: (out / "checkpoints" / "ln.ckpt").write_bytes(os.urandom(300)), 1,
+     "ln.ckpt: not a loadable normlab training checkpoint"),
+])
+def test_corrupt_resume_folder_gives_one_line(tiny_mnist, tmp_path, capsys, damage, code,
+                                              message):
+    _, folder = tiny_mnist
+    out = tmp_path / "run"
+    main(["compare", "--variants", "gn", "ln", "--epochs", "1", "--data-dir", str(folder),
+          "--out", str(out), "--no-progress"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    del metrics["variants"]["ln"]
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    (out / "checkpoints").mkdir()
+    damage(out)
+    got_code, line = _fail(["compare", "--resume", str(out), "--data-dir", str(folder)], capsys)
+    assert got_code == code and message in line
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic_write(path, "old")
+
+    class Boom(str):
+        def encode(self, *args):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, Boom("new"))
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_non_finite_loss_stops_only_that_variant(tiny_mnist, tmp_path, capsys, monkeypatch):
+    _, folder = tiny_mnist
+    real = engine.objective
+    calls = {"n": 0}
+
+    def poisoned(model, x, y, lambda_l1=0.0):
+        loss, data_loss, out = real(model, x, y, lambda_l1)
+        if model.norm == "layer":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return loss * float("nan"), data_loss, out
+        return loss, data_loss, out
+
+    monkeypatch.setattr(engine, "objective", poisoned)
+    out = tmp_path / "run"
+    code = main(["compare", "--epochs", "1", "--batch-size", "32", "--data-dir", str(folder),
+                 "--out", str(out), "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "ln: loss became non-finite (NaN or inf) at batch 3 of 8 in epoch 1" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "failed" in metrics["variants"]["ln"]
+    assert "runs" in metrics["variants"]["gn"] and "runs" in metrics["variants"]["bn+l1"]
+    report = (out / "report.md").read_text()
+    assert "| ln | Layer Norm | 8,658 | **failed**: ln: loss became non-finite" in report
+    assert (out / "misclassified_gn.png").exists() and not (out / "misclassified_ln.png").exists()
+
+
+# ---------------------------------------------------------------- bad data, through the CLI
+
+def _truncate(folder):
+    p = folder / "train-images-idx3-ubyte.gz"
+    p.write_bytes(p.read_bytes()[:-200])
+
+
+def _bad_magic(folder):
+    import gzip
+    p = folder / "train-labels-idx1-ubyte.gz"
+    p.write_bytes(gzip.compress(b"\0\0\x08\x03" + gzip.decompress(p.read_bytes())[4:]))
+
+
+def _checksum(folder):
+    import gzip
+    p = folder / "test-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(p.read_bytes()))
+    raw[-1] = (raw[-1] + 1) % 10
+    p.write_bytes(gzip.compress(bytes(raw)))
+
+
+def _count(folder):
+    shutil.copy(folder / "test-labels-idx1-ubyte.gz", folder / "train-labels-idx1-ubyte.gz")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: shutil.rmtree(f), "download failed"),
+    (lambda f: (f / "t10k-images-idx3-ubyte.gz").unlink(missing_ok=True)
+     or (f / "test-images-idx3-ubyte.gz").unlink(), "test-images-idx3-ubyte: not in"),
+    (_truncate, "not a valid gzip file"),
+    (_bad_magic, "wrong magic number 2051 (expected 2049)"),
+    (_checksum, "checksum mismatch"),
+    (_count, "checksum mismatch"),  # a well-formed file of the wrong split
+])
+def test_bad_data_through_the_cli(tiny_mnist, tmp_path, capsys, damage, message):
+    _, folder = tiny_mnist
+    damage(folder)
+    code, line = _fail(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "o")],
+                       capsys)
+    assert code == 1 and message in line and line.startswith("normlab compare: data error:")
+
+
+def test_unreadable_data_through_the_cli(tiny_mnist, tmp_path, capsys, monkeypatch):
+    _, folder = tiny_mnist
+    original = Path.read_bytes
+
+    def deny(self):  # the tests run as root, which chmod cannot stop
+        if self.parent == folder:
+            raise PermissionError(13, "Permission denied")
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    code, line = _fail(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "o")],
+                       capsys)
+    assert code == 1 and "permission denied" in line
