@@ -34,8 +34,12 @@ from .engine import (
     train_model,
 )
 from .model import Net, count_parameters
-from .plots import plot_curves, plot_misclassified
-from .report import environment, render_report
+from .plots import plot_curves, plot_misclassified, plot_sweep
+from .report import environment, render_report, render_sweep_report
+from .sweep import DEFAULT_BATCH_SIZES, error_table, run_sweep
+
+SWEEP_VARIANTS = ("bn", "gn", "ln")
+SWEEP_SAMPLES = 30000
 
 
 class UsageError(Exception):
@@ -69,12 +73,29 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(STUDY_VARIANTS),
-                   metavar="VARIANT", help=f"which variants (default: {' '.join(STUDY_VARIANTS)}; "
+def _add_model_options(p: argparse.ArgumentParser, default: tuple[str, ...] = STUDY_VARIANTS
+                       ) -> None:
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(default),
+                   metavar="VARIANT", help=f"which variants (default: {' '.join(default)}; "
                    f"choices: {', '.join(VARIANTS)})")
     p.add_argument("--num-groups", type=positive_int, default=DEFAULTS["num_groups"],
                    help="groups for Group Norm; must divide every layer's channels (default: 4)")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options every training command shares: data, output, device, L1, resume."""
+    p.add_argument("--l1", type=non_negative_float, default=DEFAULTS["lambda_l1"],
+                   metavar="LAMBDA", help="L1 weight for variants with L1 (default: %(default)s)")
+    p.add_argument("--dataset", choices=list(DATASETS), default="mnist")
+    p.add_argument("--data-dir", help="folder with the four IDX files (default: $NORMLAB_DATA "
+                   "for mnist, $NORMLAB_FASHION_MNIST_DATA or Debian's dataset-fashion-mnist "
+                   "for fashion-mnist, else a per-user cache; missing files are downloaded)")
+    p.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", type=Path, metavar="OUTDIR",
+                   help="continue the run in OUTDIR with its own settings: finished work is "
+                   "kept, the interrupted model continues from its last finished epoch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,26 +105,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train the variants and write metrics, figures, report",
                        description="Train each variant from the same seed and write "
                        "metrics.json, figures, report.md and weights into --out.")
-    _add_model_options(p)
+    _add_model_options(p, STUDY_VARIANTS)
     p.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"])
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"])
     p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
                    help="peak learning rate of the one-cycle schedule (default: %(default)s)")
-    p.add_argument("--l1", type=non_negative_float, default=DEFAULTS["lambda_l1"],
-                   metavar="LAMBDA", help="L1 weight for variants with L1 (default: %(default)s)")
-    p.add_argument("--dataset", choices=list(DATASETS), default="mnist")
-    p.add_argument("--data-dir", help="folder with the four IDX files (default: $NORMLAB_DATA, "
-                   "else a per-user cache; missing files are downloaded)")
-    p.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--limit-train", type=positive_int, metavar="N",
                    help="train on the first N training images only (quick runs)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--resume", type=Path, metavar="OUTDIR",
-                   help="continue the run in OUTDIR with its own settings: finished variants "
-                   "are kept, the interrupted one continues from its last finished epoch")
+    _add_run_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="train variants across batch sizes (where BN breaks down)",
+                       description="Train each variant at each batch size on the same number "
+                       "of images, peak learning rate scaled linearly with the batch size; "
+                       "write sweep.json, sweep.png and report.md into --out.")
+    _add_model_options(p, SWEEP_VARIANTS)
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", metavar="B",
+                   default=list(DEFAULT_BATCH_SIZES))
+    p.add_argument("--seeds", type=int, nargs="+", default=[DEFAULTS["seed"]], metavar="SEED")
+    p.add_argument("--samples", type=positive_int, default=SWEEP_SAMPLES, metavar="N",
+                   help="train on the first N training images (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=1,
+                   help="epochs over those images (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
+                   help="peak learning rate at batch 128, scaled linearly for other sizes "
+                   "(default: %(default)s)")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("summary", help="print a torchinfo summary of each variant")
     _add_model_options(p)
@@ -121,14 +150,14 @@ def build_models(variants: list[str], num_groups: int) -> dict[str, Net]:
         raise UsageError(str(exc)) from None
 
 
-def prepare_out(out: Path | None) -> Path:
+def prepare_out(out: Path | None, kind: str = "compare", record: str = "metrics.json") -> Path:
     """Create the output folder (a fresh one under runs/ by default) and prove it writable."""
     if out is None:
-        out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S-compare")
+        out = Path("runs") / datetime.now().strftime(f"%Y%m%d-%H%M%S-{kind}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
-    if (out / "metrics.json").exists():
-        raise UsageError(f"--out {out} already holds a run (metrics.json); continue it with "
+    if (out / record).exists():
+        raise UsageError(f"--out {out} already holds a run ({record}); continue it with "
                          f"--resume {out}, or choose another folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,24 +181,29 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_resume(out: Path) -> dict[str, Any]:
-    """The metrics.json of the run in ``out``, checked enough to continue it."""
-    path = out / "metrics.json"
+def open_resume(args: argparse.Namespace, record: str = "metrics.json") -> dict[str, Any]:
+    """Load ``record`` from the run folder ``args.resume`` and put its settings into ``args``.
+
+    A resumed run uses the run's own settings, not this command line's defaults.
+    """
+    out = args.resume
+    path = out / record
     if not out.is_dir():
         raise UsageError(f"--resume {out}: no such folder")
     if not path.exists():
-        raise UsageError(f"--resume {out}: not a normlab run folder (no metrics.json); "
+        raise UsageError(f"--resume {out}: not a normlab {args.command} folder (no {record}); "
                          f"start a new run with --out")
     try:
-        metrics = json.loads(path.read_text())
-        config = metrics["config"]
-        for key in ("variants", "epochs", "seed", "batch_size", "lr", "lambda_l1",
-                    "num_groups", "dataset"):
+        results = json.loads(path.read_text())
+        config = results["config"]
+        for key in ("variants", "epochs", "lambda_l1", "num_groups", "dataset"):
             config[key]  # noqa: B018 - presence check
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot resume "
                          f"from it: start a new run with --out") from None
-    return metrics
+    for key, value in config.items():
+        setattr(args, {"lambda_l1": "l1"}.get(key, key), value)
+    return results
 
 
 @contextmanager
@@ -177,7 +211,7 @@ def run_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out`` so that two runs never write into one folder."""
     try:
         import fcntl
-    except ImportError:  # not on Windows: no lock, as before
+    except ImportError:  # Windows has no fcntl: run without the lock
         yield
         return
     with open(out / ".lock", "w") as handle:
@@ -202,6 +236,16 @@ def new_metrics(args: argparse.Namespace, data: Data, device: torch.device) -> d
         "variants": {},
         "wall_time_s": 0.0,
     }
+
+
+def check_run_args(args: argparse.Namespace) -> torch.device:
+    """Fail fast, before any data is read, on variants/groups that cannot be built or an
+    unusable device."""
+    build_models(args.variants, args.num_groups)
+    try:
+        return select_device(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run_variant(name: str, args: argparse.Namespace, data: Data, device: torch.device,
@@ -240,19 +284,9 @@ def run_variant(name: str, args: argparse.Namespace, data: Data, device: torch.d
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    metrics = None
-    if args.resume:
-        metrics = open_resume(args.resume)
-        for key, value in metrics["config"].items():  # the run's own settings, not defaults
-            setattr(args, {"lambda_l1": "l1"}.get(key, key), value)
-        out = args.resume
-    build_models(args.variants, args.num_groups)
-    try:
-        device = select_device(args.device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if not args.resume:
-        out = prepare_out(args.out)
+    metrics = open_resume(args) if args.resume else None
+    device = check_run_args(args)
+    out = args.resume or prepare_out(args.out)
     args.out = out  # named in the message if interrupted
     with run_lock(out):
         data = load_data(args.data_dir, args.dataset, args.limit_train)
@@ -279,6 +313,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
             (out / "checkpoints").rmdir()
         finish(out, metrics)
     return 1 if any("failed" in v for v in metrics["variants"].values()) else 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    results = open_resume(args, "sweep.json") if args.resume else None
+    device = check_run_args(args)
+    out = args.resume or prepare_out(args.out, "sweep", "sweep.json")
+    args.out = out
+    with run_lock(out):
+        data = load_data(args.data_dir, args.dataset, args.samples)
+        if results is None:
+            results = {
+                "command": shlex.join(["normlab", *args.argv]),
+                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                "config": dict(variants=args.variants, batch_sizes=args.batch_sizes,
+                               seeds=args.seeds, samples=args.samples, epochs=args.epochs,
+                               lr=args.lr, lambda_l1=args.l1, num_groups=args.num_groups,
+                               dataset=args.dataset, train_images=len(data.train_labels),
+                               test_images=len(data.test_labels)),
+                "environment": environment(device),
+                "runs": {},
+            }
+            write_json(out / "sweep.json", results)
+        total = len(args.variants) * len(args.batch_sizes) * len(args.seeds)
+        print(f"normlab sweep: {len(args.variants)} variants x {len(args.batch_sizes)} batch "
+              f"sizes x {len(args.seeds)} seed(s) = {total} runs of {args.epochs} epoch(s) on "
+              f"{len(data.train_labels):,} {args.dataset} images, device {device}; "
+              f"{'resuming' if args.resume else 'writing to'} {out}")
+        run_sweep(results, out / "sweep.json", data, args.variants, args.batch_sizes,
+                  args.seeds, args.epochs, args.lr, args.l1, args.num_groups, device,
+                  progress=not args.no_progress, log=tqdm.write)
+        errors = {f"{VARIANTS[v].label} ({v})": by_batch
+                  for v, by_batch in error_table(results).items()}
+        plot_sweep(errors, f"Test error vs batch size on {args.dataset}", out / "sweep.png")
+        report = render_sweep_report(results, errors)
+        atomic_write(out / "report.md", report)
+    print("\n".join(line for line in report.splitlines() if line.startswith("|")))
+    print(f"\nreport: {out / 'report.md'}")
+    return 0
 
 
 def finish(out: Path, metrics: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 ENV_VAR = "NORMLAB_DATA"
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # 0x00000803 and 0x00000801 in the IDX spec
+FIX = "delete it to download it again, or point --data-dir at a good copy"
 
 
 class DataError(Exception):
@@ -38,6 +39,7 @@ class DatasetSpec:
     classes: tuple[str, ...]
     mean: float  # pixel statistics of the training set, for normalisation
     std: float
+    env_var: str = ENV_VAR  # environment variable naming a folder that holds the files
     system_dirs: tuple[str, ...] = ()  # read-only places a distribution may have put the files
 
 
@@ -59,7 +61,28 @@ MNIST = DatasetSpec(
     std=0.3081,
 )
 
-DATASETS: dict[str, DatasetSpec] = {"mnist": MNIST}
+# Zalando's Fashion-MNIST: same format and sizes, ten clothing classes, a harder task. The
+# MD5s are of the decompressed files (upstream publishes the .gz archives' MD5s; Debian's
+# dataset-fashion-mnist recompresses them, with byte-identical content).
+FASHION_MNIST = DatasetSpec(
+    name="fashion-mnist",
+    files={
+        "train-images": ("train-images-idx3-ubyte", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+        "train-labels": ("train-labels-idx1-ubyte", "9018921c3c673c538a1fc5bad174d6f9"),
+        "test-images": ("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a"),
+        "test-labels": ("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965"),
+    },
+    counts={"train": 60000, "test": 10000},
+    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+             "Sneaker", "Bag", "Ankle boot"),
+    mean=0.2860,
+    std=0.3530,
+    env_var="NORMLAB_FASHION_MNIST_DATA",
+    system_dirs=("/usr/share/datasets/fashion-mnist",),  # Debian's dataset-fashion-mnist
+)
+
+DATASETS: dict[str, DatasetSpec] = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST}
 
 
 def get_spec(dataset: str | DatasetSpec) -> DatasetSpec:
@@ -78,11 +101,12 @@ def default_data_dir(spec: DatasetSpec) -> Path:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None, spec: DatasetSpec) -> Path:
-    """--data-dir wins, then $NORMLAB_DATA, then a system copy holding the files, then the cache."""
+    """--data-dir wins, then the dataset's environment variable ($NORMLAB_DATA for MNIST),
+    then a system copy holding all four files, then the per-user cache."""
     if data_dir:
         return Path(data_dir).expanduser()
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
+    if os.environ.get(spec.env_var):
+        return Path(os.environ[spec.env_var]).expanduser()
     for folder in map(Path, spec.system_dirs):
         if all(_find(folder, name) for name, _ in spec.files.values()):
             return folder
@@ -98,40 +122,38 @@ def _find(folder: Path, name: str) -> Path | None:
 
 
 def _read_bytes(path: Path) -> bytes:
-    fix = f"delete it to download it again, or point --data-dir/${ENV_VAR} at a good copy"
     try:
         raw = path.read_bytes()
     except PermissionError:
         raise DataError(f"{path}: permission denied; make it readable (chmod +r) "
-                        f"or point --data-dir/${ENV_VAR} at a readable copy") from None
+                        f"or point --data-dir at a readable copy") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror}); {fix}") from None
+        raise DataError(f"{path}: cannot be read ({exc.strerror}); {FIX}") from None
     if path.suffix != ".gz":
         return raw
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: not a valid gzip file ({exc}), it is corrupt or "
-                        f"truncated; {fix}") from None
+                        f"truncated; {FIX}") from None
 
 
 def parse_idx(data: bytes, magic: int, source: str | Path = "<bytes>") -> torch.Tensor:
     """Decode one IDX file (uint8 payload) into a tensor, checking magic and length."""
-    fix = f"delete it to download it again, or point --data-dir/${ENV_VAR} at a good copy"
     if len(data) < 4 or int.from_bytes(data[:4], "big") != magic:
         found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
         raise DataError(f"{source}: wrong magic number {found} (expected {magic}); "
-                        f"not an IDX {'image' if magic == IMAGE_MAGIC else 'label'} file; {fix}")
+                        f"not an IDX {'image' if magic == IMAGE_MAGIC else 'label'} file; {FIX}")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{source}: truncated header; {fix}")
+        raise DataError(f"{source}: truncated header; {FIX}")
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + math.prod(shape)
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "has trailing bytes"
         raise DataError(f"{source}: {what} (header says {expected} bytes, file has "
-                        f"{len(data)}); {fix}")
+                        f"{len(data)}); {FIX}")
     array = torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8)
     return array.reshape(shape)
 
@@ -147,7 +169,7 @@ def download(spec: DatasetSpec, root: Path, name: str, mirrors: tuple[str, ...] 
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create data folder {root} ({exc.strerror}); pass a "
-                        f"writable --data-dir or set ${ENV_VAR}") from None
+                        f"writable --data-dir or set ${spec.env_var}") from None
     errors = []
     for base in mirrors or spec.mirrors:
         url = base + name + ".gz"
@@ -159,12 +181,12 @@ def download(spec: DatasetSpec, root: Path, name: str, mirrors: tuple[str, ...] 
             return Path(path)
         except PermissionError as exc:
             raise DataError(f"cannot write {root / (name + '.gz')} ({exc.strerror}); pass "
-                            f"a writable --data-dir or set ${ENV_VAR}") from None
+                            f"a writable --data-dir or set ${spec.env_var}") from None
         except (requests.RequestException, OSError, ValueError) as exc:
             errors.append(f"{url}: {type(exc).__name__}")
     raise DataError(f"{name}: not in {root} and the download failed ({'; '.join(errors)}); "
                     f"check your network, or copy the four {spec.name} IDX files there "
-                    f"(or set --data-dir/${ENV_VAR} to a folder holding them)")
+                    f"(or set --data-dir/${spec.env_var} to a folder holding them)")
 
 
 def load_file(spec: DatasetSpec, root: Path, key: str, download_missing: bool = True
@@ -175,15 +197,14 @@ def load_file(spec: DatasetSpec, root: Path, key: str, download_missing: bool = 
     if path is None:
         if not download_missing:
             raise DataError(f"{name}: not found in {root}; copy the {spec.name} IDX files "
-                            f"there, or set --data-dir/${ENV_VAR} to a folder holding them")
+                            f"there, or set --data-dir/${spec.env_var} to a folder holding them")
         path = download(spec, root, name)
     data = _read_bytes(path)
     tensor = parse_idx(data, IMAGE_MAGIC if key.endswith("images") else LABEL_MAGIC, path)
     digest = hashlib.md5(data).hexdigest()
     if digest != md5:
         raise DataError(f"{path}: checksum mismatch (MD5 of content {digest}, published "
-                        f"{md5}); the file is corrupt or not the {spec.name} file; delete it "
-                        f"to download it again, or point --data-dir/${ENV_VAR} at a good copy")
+                        f"{md5}); the file is corrupt or not the {spec.name} file; {FIX}")
     return tensor
 
 
@@ -196,7 +217,8 @@ def load_split(split: str, data_dir: str | os.PathLike | None = None,
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(spec.counts)}")
     root = resolve_data_dir(data_dir, spec)
     if root.exists() and not root.is_dir():
-        raise DataError(f"data folder {root} is a file; pass a folder as --data-dir/${ENV_VAR}")
+        raise DataError(f"data folder {root} is a file; pass a folder as --data-dir or "
+                        f"${spec.env_var}")
     images = load_file(spec, root, f"{split}-images", download_missing)
     labels = load_file(spec, root, f"{split}-labels", download_missing)
     expected = spec.counts[split]

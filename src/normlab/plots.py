@@ -76,3 +76,29 @@ def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig
+
+
+def plot_sweep(errors: Mapping[str, Mapping[int, Sequence[float]]], title: str,
+               path: str | Path | None = None) -> Figure:
+    """Test error vs batch size (log scale), one line per variant: mean over seeds, with the
+    lowest-to-highest seed as a band when there are several."""
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for label, by_batch in errors.items():
+        sizes = np.array(sorted(by_batch))
+        values = [np.asarray(by_batch[b], dtype=float) for b in sizes]
+        mean = np.array([v.mean() for v in values])
+        (line,) = ax.plot(sizes, mean, marker="o", label=label)
+        if max(len(v) for v in values) > 1:
+            ax.fill_between(sizes, [v.min() for v in values], [v.max() for v in values],
+                            alpha=0.2, color=line.get_color(), linewidth=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({b for by_batch in errors.values() for b in by_batch}))
+    ax.get_xaxis().set_major_formatter("{x:.0f}")
+    ax.set(xlabel="batch size (images per step, log scale)", ylabel="test error (%)",
+           title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig

@@ -120,3 +120,54 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def render_sweep_report(results: dict[str, Any], errors: dict[str, dict[int, list[float]]]
+                        ) -> str:
+    """report.md for a batch-size sweep: the protocol, the error table and provenance."""
+    cfg, env = results["config"], results["environment"]
+    sizes = sorted({b for by_batch in errors.values() for b in by_batch})
+    seeds = len(cfg["seeds"])
+    lines = [
+        "# normlab batch-size sweep",
+        "",
+        f"Test error (%) on the full {cfg['dataset']} test set after {cfg['epochs']} epoch(s) "
+        f"over the first {cfg['train_images']:,} training images, for each batch size; the "
+        f"peak learning rate is {cfg['lr']} × batch / 128 (linear scaling), one-cycle schedule; "
+        f"{'mean (min–max) over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}.",
+        "",
+        "| variant | " + " | ".join(f"batch {b}" for b in sizes) + " |",
+        "| --- |" + " ---: |" * len(sizes),
+    ]
+    for name, by_batch in errors.items():
+        cells = []
+        for b in sizes:
+            v = by_batch.get(b)
+            if not v:
+                cells.append("–")
+            elif len(v) == 1:
+                cells.append(f"{v[0]:.2f}")
+            else:
+                cells.append(f"{np.mean(v):.2f} ({min(v):.2f}–{max(v):.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    failed = [r for r in results["runs"].values() if "failed" in r]
+    lines += [f"- failed: {r['variant']}, batch {r['batch_size']}, seed {r['seed']}: "
+              f"{r['failed']}" for r in failed]
+    lines += [
+        "",
+        "![test error vs batch size](sweep.png)",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+        f"- git revision: `{env['git_revision']}`",
+        f"- machine: {env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch "
+        f"threads), device `{env['device']}`",
+        f"- versions: normlab {env['normlab']}, Python {env['python']}, torch {env['torch']}",
+        f"- total training time {sum(r['wall_time_s'] for r in results['runs'].values()):.0f} s",
+        "",
+    ]
+    return "\n".join(lines)
