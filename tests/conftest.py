@@ -57,6 +57,27 @@ def tiny(tmp_path: Path) -> tuple[DatasetSpec, Path]:
     return write_dataset(folder), folder
 
 
+@pytest.fixture
+def tiny_mnist(tiny, monkeypatch) -> tuple[DatasetSpec, Path]:
+    """Make the CLI's "mnist" the tiny synthetic set, so end-to-end runs take seconds."""
+    from normlab import data
+
+    spec, folder = tiny
+    monkeypatch.setitem(data.DATASETS, "mnist", spec)
+    return spec, folder
+
+
+def cli_error(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Run the CLI expecting it to fail; (exit code, last line of stderr), no traceback."""
+    from normlab.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_.value.code, err.strip().splitlines()[-1]
+
+
 def real_mnist_dir() -> Path | None:
     """The real MNIST files: $NORMLAB_DATA, else ../shared/data/mnist beside the checkout."""
     for candidate in (os.environ.get("NORMLAB_DATA"), REPO.parent / "shared/data/mnist"):

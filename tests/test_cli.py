@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from normlab import data as D
+from conftest import cli_error
 from normlab import engine
 from normlab.checkpoint import load_model
 from normlab.cli import main
@@ -17,12 +17,6 @@ from normlab.plots import plot_curves, plot_misclassified
 STUDY = ("bn+l1", "ln", "gn")
 
 
-@pytest.fixture
-def tiny_mnist(tiny, monkeypatch):
-    """Make the CLI's "mnist" the tiny synthetic set, so end-to-end runs take seconds."""
-    spec, folder = tiny
-    monkeypatch.setitem(D.DATASETS, "mnist", spec)
-    return spec, folder
 
 
 def test_compare_writes_every_artefact(tiny_mnist, tmp_path, capsys):
@@ -67,12 +61,6 @@ def test_compare_refuses_to_overwrite_a_finished_run(tiny_mnist, tmp_path, capsy
     assert "already holds a run" in capsys.readouterr().err
 
 
-def _error_of(args, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return exit_.value.code, err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -86,16 +74,16 @@ def _error_of(args, capsys):
     (["--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, message, capsys, tmp_path):
-    code, line = _error_of(["compare", "--out", str(tmp_path / "o"), *args], capsys)
+    code, line = cli_error(["compare", "--out", str(tmp_path / "o"), *args], capsys)
     assert code == 2 and message in line
 
 
 def test_output_path_that_is_a_file_or_unwritable(tmp_path, capsys, tiny_mnist):
     f = tmp_path / "file"
     f.write_text("")
-    code, line = _error_of(["compare", "--out", str(f)], capsys)
+    code, line = cli_error(["compare", "--out", str(f)], capsys)
     assert code == 2 and "is a file" in line
-    code, line = _error_of(["compare", "--out", str(f / "below")], capsys)
+    code, line = cli_error(["compare", "--out", str(f / "below")], capsys)
     assert code == 2 and "cannot write to --out" in line
 
 
@@ -103,7 +91,7 @@ def test_bad_data_gives_one_line_and_exit_1(tiny_mnist, tmp_path, capsys):
     _, folder = tiny_mnist
     path = folder / "train-labels-idx1-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-30])
-    code, line = _error_of(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "o")],
+    code, line = cli_error(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "o")],
                            capsys)
     assert code == 1 and "train-labels-idx1-ubyte.gz" in line and "gzip" in line
 

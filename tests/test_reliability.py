@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cli_error
 from normlab import data as D
 from normlab import engine
 from normlab.checkpoint import CheckpointError, atomic_write, load_model, save_model
@@ -116,19 +117,8 @@ def test_ctrl_c_saves_says_how_to_resume_and_exits_non_zero(driver, tmp_path):
     json.loads((out / "metrics.json").read_text())  # still valid
 
 
-@pytest.fixture
-def tiny_mnist(tiny, monkeypatch):
-    spec, folder = tiny
-    monkeypatch.setitem(D.DATASETS, "mnist", spec)
-    return spec, folder
 
 
-def _fail(args, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return exit_.value.code, err.strip().splitlines()[-1]
 
 
 def test_a_second_run_on_the_same_folder_is_refused(tiny_mnist, tmp_path, capsys):
@@ -136,7 +126,7 @@ def test_a_second_run_on_the_same_folder_is_refused(tiny_mnist, tmp_path, capsys
     out.mkdir()
     with open(out / ".lock", "w") as held:  # as a running normlab would hold it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        code, line = _fail(["compare", "--out", str(out), "--epochs", "1"], capsys)
+        code, line = cli_error(["compare", "--out", str(out), "--epochs", "1"], capsys)
     assert code == 2 and "another normlab run is writing to" in line
 
 
@@ -169,7 +159,7 @@ def test_malicious_checkpoint_in_a_resume_folder(tiny_mnist, tmp_path, capsys):
     (out / "checkpoints").mkdir()
     Payload.marker = tmp_path / "pwned"
     torch.save(Payload(), out / "checkpoints" / "ln.ckpt")
-    code, line = _fail(["compare", "--resume", str(out), "--data-dir", str(folder)], capsys)
+    code, line = cli_error(["compare", "--resume", str(out), "--data-dir", str(folder)], capsys)
     assert code == 1 and "ln.ckpt: not a loadable normlab training checkpoint" in line
     assert not Payload.marker.exists()
 
@@ -215,7 +205,7 @@ def test_corrupt_resume_folder_gives_one_line(tiny_mnist, tmp_path, capsys, dama
     (out / "metrics.json").write_text(json.dumps(metrics))
     (out / "checkpoints").mkdir()
     damage(out)
-    got_code, line = _fail(["compare", "--resume", str(out), "--data-dir", str(folder)], capsys)
+    got_code, line = cli_error(["compare", "--resume", str(out), "--data-dir", str(folder)], capsys)
     assert got_code == code and message in line
 
 
@@ -297,7 +287,7 @@ def _count(folder):
 def test_bad_data_through_the_cli(tiny_mnist, tmp_path, capsys, damage, message):
     _, folder = tiny_mnist
     damage(folder)
-    code, line = _fail(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "o")],
+    code, line = cli_error(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "o")],
                        capsys)
     assert code == 1 and message in line and line.startswith("normlab compare: data error:")
 
@@ -312,6 +302,6 @@ def test_unreadable_data_through_the_cli(tiny_mnist, tmp_path, capsys, monkeypat
         return original(self)
 
     monkeypatch.setattr(Path, "read_bytes", deny)
-    code, line = _fail(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "o")],
+    code, line = cli_error(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "o")],
                        capsys)
     assert code == 1 and "permission denied" in line

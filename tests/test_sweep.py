@@ -12,13 +12,6 @@ from normlab.plots import plot_misclassified, plot_sweep
 from normlab.sweep import error_table, scaled_lr
 
 
-@pytest.fixture
-def tiny_mnist(tiny, monkeypatch):
-    spec, folder = tiny
-    monkeypatch.setitem(D.DATASETS, "mnist", spec)
-    return spec, folder
-
-
 def _sweep(folder, out, *extra):
     return main(["sweep", "--variants", "bn", "gn", "--batch-sizes", "4", "16", "--samples", "64",
                  "--seeds", "1", "2", "--data-dir", str(folder), "--out", str(out),
