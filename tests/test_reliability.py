@@ -190,7 +190,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     (lambda out: (out / "metrics.json").write_text("{ not json"), 2, "metrics.json is corrupt"),
     (lambda out: (out / "metrics.json").write_text('{"config": {}}'), 2,
      "metrics.json is corrupt"),
-    (lambda out: (out / "metrics.json").unlink(), 2, "not a normlab run folder"),
+    (lambda out: (out / "metrics.json").unlink(), 2, "not a normlab compare folder"),
     (lambda out: (out / "checkpoints" / "ln.ckpt").write_bytes(os.urandom(300)), 1,
      "ln.ckpt: not a loadable normlab training checkpoint"),
 ])
