@@ -122,7 +122,7 @@ def test_curves_figure_has_two_labelled_panels_with_a_legend():
     assert loss_ax.get_title() == "Test loss" and acc_ax.get_title() == "Test accuracy"
     assert acc_ax.get_xlabel() == "epoch" and "%" in acc_ax.get_ylabel()
     labels = [t.get_text() for t in acc_ax.get_legend().get_texts()]
-    assert labels == ["BN", "GN (mean of 2 seeds)"]
+    assert labels == ["BN: final 99.00%", "GN: final 99.00%, mean of 2 seeds"]
 
 
 @pytest.mark.slow
