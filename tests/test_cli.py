@@ -148,3 +148,17 @@ def test_command_line_end_to_end_on_real_mnist(mnist_dir, tmp_path):
     for v in metrics["variants"].values():
         loss = v["runs"][0]["history"]["train_loss"]
         assert len(loss) == 2 and loss[1] < loss[0]
+
+
+def test_report_redraws_figures_and_report_from_the_record(tiny_mnist, tmp_path, capsys):
+    _, folder = tiny_mnist
+    out = tmp_path / "run"
+    assert main(["compare", "--epochs", "1", "--variants", "gn", "ln", "--data-dir",
+                 str(folder), "--out", str(out), "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    (out / "curves.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == report and (out / "curves.png").exists()
+    code, line = cli_error(["report", str(tmp_path)], capsys)
+    assert code == 2 and "no metrics.json or sweep.json" in line

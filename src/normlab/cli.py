@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("report", help="re-draw the figures and report.md of a finished run "
+                       "from its metrics.json or sweep.json (no training)")
+    p.add_argument("run", type=Path, metavar="OUTDIR", help="a compare or sweep output folder")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("summary", help="print a torchinfo summary of each variant")
     _add_model_options(p)
     p.set_defaults(func=cmd_summary)
@@ -315,6 +320,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if any("failed" in v for v in metrics["variants"].values()) else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Figures and report.md are pure functions of the run's JSON record: redraw them."""
+    record = next((args.run / n for n in ("metrics.json", "sweep.json")
+                   if (args.run / n).exists()), None)
+    if record is None:
+        raise UsageError(f"{args.run}: no metrics.json or sweep.json; give a compare or "
+                         f"sweep output folder")
+    try:
+        results = json.loads(record.read_text())
+        if record.name == "sweep.json":
+            finish_sweep(args.run, results)
+        else:
+            finish(args.run, results)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{record} is corrupt ({type(exc).__name__}: {exc}); cannot draw "
+                         f"a report from it") from None
+    return 0
+
+
+def finish_sweep(out: Path, results: dict[str, Any]) -> None:
+    """sweep.png, report.md and the error table, from sweep.json's contents."""
+    errors = {f"{VARIANTS[v].label} ({v})": by_batch
+              for v, by_batch in error_table(results).items()}
+    plot_sweep(errors, f"Test error vs batch size on {results['config']['dataset']}",
+               out / "sweep.png")
+    report = render_sweep_report(results, errors)
+    atomic_write(out / "report.md", report)
+    print("\n".join(line for line in report.splitlines() if line.startswith("|")))
+    print(f"\nreport: {out / 'report.md'}")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     results = open_resume(args, "sweep.json") if args.resume else None
     device = check_run_args(args)
@@ -343,13 +379,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         run_sweep(results, out / "sweep.json", data, args.variants, args.batch_sizes,
                   args.seeds, args.epochs, args.lr, args.l1, args.num_groups, device,
                   progress=not args.no_progress, log=tqdm.write)
-        errors = {f"{VARIANTS[v].label} ({v})": by_batch
-                  for v, by_batch in error_table(results).items()}
-        plot_sweep(errors, f"Test error vs batch size on {args.dataset}", out / "sweep.png")
-        report = render_sweep_report(results, errors)
-        atomic_write(out / "report.md", report)
-    print("\n".join(line for line in report.splitlines() if line.startswith("|")))
-    print(f"\nreport: {out / 'report.md'}")
+        finish_sweep(out, results)
     return 0
 
 
