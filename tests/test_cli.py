@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,15 @@ def test_report_redraws_figures_and_report_from_the_record(tiny_mnist, tmp_path,
     assert (out / "report.md").read_text() == report and (out / "curves.png").exists()
     code, line = cli_error(["report", str(tmp_path)], capsys)
     assert code == 2 and "no metrics.json or sweep.json" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", STUDY)
+def test_committed_demo_weights_reproduce_the_reported_accuracy(mnist_dir, variant):
+    results = Path(__file__).resolve().parents[1] / "results" / "demo"
+    metrics = json.loads((results / "metrics.json").read_text())
+    data = load_data(mnist_dir)
+    _, test_loader = make_loaders(data, 128, 1)
+    _, acc = engine.test(load_model(results / f"{variant}.pt"), torch.device("cpu"), test_loader)
+    assert acc == pytest.approx(metrics["variants"][variant]["runs"][0]["history"]["test_acc"][-1],
+                                abs=0.011)  # at most one test image of floating-point slack
