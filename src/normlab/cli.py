@@ -39,7 +39,7 @@ from .report import environment, render_report, render_sweep_report
 from .sweep import DEFAULT_BATCH_SIZES, error_table, run_sweep
 
 SWEEP_VARIANTS = ("bn", "gn", "ln")
-SWEEP_SAMPLES = 30000
+SWEEP_SAMPLES = 20000
 
 
 class UsageError(Exception):
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p, SWEEP_VARIANTS)
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", metavar="B",
                    default=list(DEFAULT_BATCH_SIZES))
-    p.add_argument("--seeds", type=int, nargs="+", default=[DEFAULTS["seed"]], metavar="SEED")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="SEED")
     p.add_argument("--samples", type=positive_int, default=SWEEP_SAMPLES, metavar="N",
                    help="train on the first N training images (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=1,
