@@ -81,7 +81,8 @@ def test_sweep_figure_is_labelled_with_a_log_batch_axis():
                      "Test error vs batch size")
     (ax,) = fig.get_axes()
     assert ax.get_xscale() == "log" and "batch size" in ax.get_xlabel()
-    assert ax.get_ylabel() == "test error (%)" and ax.get_title() == "Test error vs batch size"
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "test error (%, log scale)"
+    assert ax.get_title() == "Test error vs batch size"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["BN", "GN"]
 
 

@@ -343,8 +343,10 @@ def finish_sweep(out: Path, results: dict[str, Any]) -> None:
     """sweep.png, report.md and the error table, from sweep.json's contents."""
     errors = {f"{VARIANTS[v].label} ({v})": by_batch
               for v, by_batch in error_table(results).items()}
-    plot_sweep(errors, f"Test error vs batch size on {results['config']['dataset']}",
-               out / "sweep.png")
+    cfg = results["config"]
+    seeds = f"; mean of {len(cfg['seeds'])} seeds, band min–max" if len(cfg["seeds"]) > 1 else ""
+    plot_sweep(errors, f"Test error vs batch size on {cfg['dataset']}, "
+               f"{cfg['train_images']:,} images per run{seeds}", out / "sweep.png")
     report = render_sweep_report(results, errors)
     atomic_write(out / "report.md", report)
     print("\n".join(line for line in report.splitlines() if line.startswith("|")))

@@ -97,8 +97,12 @@ def plot_sweep(errors: Mapping[str, Mapping[int, Sequence[float]]], title: str,
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({b for by_batch in errors.values() for b in by_batch}))
     ax.get_xaxis().set_major_formatter("{x:.0f}")
-    ax.set(xlabel="batch size (images per step, log scale)", ylabel="test error (%)",
-           title=title)
+    # Errors span from a few percent to tens of percent: a log axis keeps both readable.
+    ax.set_yscale("log")
+    ax.get_yaxis().set_major_formatter("{x:g}")
+    ax.get_yaxis().set_minor_formatter("{x:g}")
+    ax.set(xlabel="batch size (images per step, log scale)",
+           ylabel="test error (%, log scale)", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     if path is not None:
