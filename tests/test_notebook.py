@@ -29,9 +29,13 @@ def test_committed_notebook_is_executed_with_its_figures():
 
 
 @pytest.mark.slow
-def test_notebook_runs_end_to_end_with_tiny_parameters(mnist_dir, tmp_path):
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+def test_notebook_runs_end_to_end_with_tiny_parameters(dataset, mnist_dir):
+    data_dir = str(mnist_dir) if dataset == "mnist" else None
+    if dataset == "fashion-mnist" and not Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
     nb = _with_parameters(nbformat.read(NOTEBOOK, as_version=4), EPOCHS=1, SEED=1,
-                          LIMIT_TRAIN=1000, DATA_DIR=str(mnist_dir), CLI_METRICS=None)
+                          LIMIT_TRAIN=1000, DATASET=dataset, DATA_DIR=data_dir, CLI_METRICS=None)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
@@ -41,3 +45,4 @@ def test_notebook_runs_end_to_end_with_tiny_parameters(mnist_dir, tmp_path):
     assert text.count("epoch  1 ") == 3  # one line per variant
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "Ranking by final test accuracy" in markdown and "| Group Norm | 8,658 |" in markdown
+    assert ("reference study's" in markdown) == (dataset == "mnist")
