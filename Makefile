@@ -8,6 +8,10 @@ BIN    := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 PIP    := $(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 ARGS   ?=
+# Offline copy of MNIST beside the checkout (as on the project's machines and in CI), used
+# when NORMLAB_DATA is not set; otherwise normlab downloads MNIST into its cache.
+NORMLAB_DATA ?= $(if $(wildcard ../shared/data/mnist/t10k-labels-idx1-ubyte.gz),$(abspath ../shared/data/mnist))
+export NORMLAB_DATA
 
 .PHONY: demo test lint summary clean
 
