@@ -90,7 +90,8 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
         "Accuracy is on the full test set after the last epoch; \"best\" is the highest "
         "epoch, which is reported for information only (choosing it would be peeking at "
-        "the test set). Reference: the single-run study normlab grew from.",
+        "the test set)." + (" Reference: the single-run MNIST study normlab grew from."
+                            if cfg["dataset"] == "mnist" else ""),
         "",
         "## Test curves",
         "",
