@@ -28,7 +28,8 @@ def test_compare_writes_every_artefact(tiny_mnist, tmp_path, capsys):
     assert code == 0
     names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
     assert names == {"metrics.json", "report.md", "curves.png",
-                     *(f"misclassified_{v}.png" for v in STUDY), *(f"{v}.pt" for v in STUDY)}
+                     *(f"misclassified_{v}.png" for v in STUDY),
+                     *(f"{v}-seed1.pt" for v in STUDY)}
     printed = capsys.readouterr().out
     for v in STUDY:  # one summary line per epoch per variant
         assert printed.count(f"  {v} epoch ") == 2
@@ -39,14 +40,16 @@ def test_compare_writes_every_artefact(tiny_mnist, tmp_path, capsys):
     for key in ("torch", "python", "git_revision", "cpu", "device"):
         assert key in metrics["environment"]
     report = (out / "report.md").read_text()
-    assert "| bn+l1 (seed 1) | Batch Norm + L1 |" in report and "![" in report
+    assert "| bn+l1 | Batch Norm + L1 |" in report and "| bn+l1 | 1 |" in report
+    assert "– (one seed)" in report and "![" in report
+    assert "Is one variant really better" not in report  # needs two seeds or more
     assert "normlab compare" in report and metrics["environment"]["git_revision"] in report
 
     # The saved weights reproduce the recorded final accuracy exactly.
     data = load_data(folder, spec)
     _, test_loader = make_loaders(data, 32, 1)
     for v in STUDY:
-        model = load_model(out / f"{v}.pt")
+        model = load_model(out / f"{v}-seed1.pt")
         loss, acc = engine.test(model, torch.device("cpu"), test_loader)
         assert acc == metrics["variants"][v]["runs"][0]["history"]["test_acc"][-1]
 
@@ -118,12 +121,22 @@ def test_misclassified_figure_is_a_5x2_grid():
 
 def test_curves_figure_has_two_labelled_panels_with_a_legend():
     h = dict(test_loss=[0.1, 0.05], test_acc=[98.0, 99.0])
-    fig = plot_curves({"BN": [h], "GN": [h, h]})
+    h2 = dict(test_loss=[0.2, 0.1], test_acc=[97.0, 98.5])
+    fig = plot_curves({"BN": [h], "GN": [h, h2]})
     loss_ax, acc_ax = fig.get_axes()
+    (zoom_ax,) = acc_ax.child_axes
     assert loss_ax.get_title() == "Test loss" and acc_ax.get_title() == "Test accuracy"
     assert acc_ax.get_xlabel() == "epoch" and "%" in acc_ax.get_ylabel()
     labels = [t.get_text() for t in acc_ax.get_legend().get_texts()]
-    assert labels == ["BN: final 99.00%", "GN: final 99.00%, mean of 2 seeds"]
+    assert labels == ["BN: final 99.00%",
+                      "GN: final 98.75%, mean of 2 seeds (band: min–max)"]
+    # The band spans the seeds: GN's shaded area reaches from 98.5 to 99.0 at epoch 2.
+    band = acc_ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(97.0) and band[:, 1].max() == pytest.approx(99.0)
+    # The inset zooms onto the last half of the epochs.
+    assert zoom_ax.get_title().startswith("zoom: epochs 1–2")
+    assert plot_curves({"BN": [h]}, split="validation").get_axes()[1].get_title() == \
+        "Validation accuracy"
 
 
 @pytest.mark.slow
@@ -175,3 +188,77 @@ def test_committed_demo_weights_reproduce_the_reported_accuracy(mnist_dir, varia
     _, acc = engine.test(load_model(results / f"{variant}.pt"), torch.device("cpu"), test_loader)
     assert acc == pytest.approx(metrics["variants"][variant]["runs"][0]["history"]["test_acc"][-1],
                                 abs=0.011)  # at most one test image of floating-point slack
+
+
+def test_several_seeds_give_intervals_pairwise_differences_and_a_band(tiny_mnist, tmp_path,
+                                                                      capsys):
+    _, folder = tiny_mnist
+    out = tmp_path / "run"
+    assert main(["compare", "--variants", "gn", "ln", "--seeds", "1", "2", "3", "--epochs", "1",
+                 "--batch-size", "64", "--data-dir", str(folder), "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["seeds"] == [1, 2, 3]
+    for v in ("gn", "ln"):
+        assert [r["seed"] for r in metrics["variants"][v]["runs"]] == [1, 2, 3]
+        for seed in (1, 2, 3):
+            assert (out / f"{v}-seed{seed}.pt").exists()
+    # Different seeds really are different runs.
+    accs = {v: [r["history"]["train_loss"][-1] for r in metrics["variants"][v]["runs"]]
+            for v in ("gn", "ln")}
+    assert len(set(accs["gn"])) == 3
+    report = (out / "report.md").read_text()
+    from normlab.report import final_accuracies
+    from normlab.stats import paired_difference, t_interval
+
+    finals = final_accuracies(metrics)
+    gn = t_interval(list(finals["gn"].values()))
+    assert "| gn | Group Norm | " in report and f"{gn.low:.2f}–{gn.high:.2f}%" in report
+    diff = paired_difference(finals["gn"], finals["ln"])
+    assert "## Is one variant really better than another?" in report
+    assert f"| gn − ln | 3 | {diff.mean:+.3f} | {diff.low:+.3f} to {diff.high:+.3f} |" in report
+    assert "seeds 1, 2, 3" in report
+    assert f"{gn.mean:18.2f}%" in printed  # the summary printed at the end
+    # The curves figure shows the mean with a min-max band for each variant.
+    from matplotlib.image import imread
+    assert imread(out / "curves.png").shape[1] > 1000
+
+
+def test_holdout_tunes_on_training_images_and_never_reads_the_test_set(tiny_mnist, tmp_path,
+                                                                       monkeypatch, capsys):
+    from normlab import data as D
+
+    _, folder = tiny_mnist
+    real = D.load_split
+
+    def no_test_split(split, *args, **kwargs):
+        assert split != "test", "the test set was read during tuning"
+        return real(split, *args, **kwargs)
+
+    monkeypatch.setattr(D, "load_split", no_test_split)
+    out = tmp_path / "tune"
+    assert main(["compare", "--variants", "gn", "--holdout", "56", "--epochs", "1",
+                 "--data-dir", str(folder), "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = metrics["config"]
+    assert (cfg["train_images"], cfg["test_images"], cfg["eval_split"]) == (200, 56, "validation")
+    report = (out / "report.md").read_text()
+    assert "56 validation images held out of the training set" in report
+    assert "final validation acc" in report and "final test acc" not in report
+    gn_row = next(line for line in report.splitlines() if line.startswith("| gn | Group Norm"))
+    assert gn_row.endswith("| – |")  # the reference study's test accuracy is not comparable
+    assert "validation loss" in capsys.readouterr().out
+    code, line = cli_error(["compare", "--holdout", "256", "--data-dir", str(folder),
+                            "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "holdout must be between 1 and 255" in line
+
+
+def test_precision_option_is_recorded_and_checked(tiny_mnist, tmp_path, capsys):
+    _, folder = tiny_mnist
+    out = tmp_path / "run"
+    assert main(["compare", "--variants", "gn", "--precision", "fp32", "--epochs", "1",
+                 "--data-dir", str(folder), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["precision"] == "fp32"
+    code, line = cli_error(["compare", "--precision", "fp8", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "argument --precision: invalid choice: 'fp8'" in line

@@ -67,8 +67,8 @@ def _results(out: Path) -> dict:
         for run in v["runs"]:
             run["history"].pop("epoch_time")
             run.pop("wall_time_s")
-    weights = {name: load_model(out / f"{name}.pt").state_dict()
-               for name in metrics["variants"]}
+    weights = {f"{name}-seed{run['seed']}": load_model(out / f"{name}-seed{run['seed']}.pt")
+               .state_dict() for name, v in metrics["variants"].items() for run in v["runs"]}
     return {"variants": metrics["variants"], "weights": weights}
 
 
@@ -86,7 +86,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(driver, tmp_p
     out = tmp_path / "killed"
     proc = driver(*ARGS, "--out", str(out))
     # gn finished and ln has one epoch checkpointed: kill during ln's second epoch.
-    _wait_for(out / "checkpoints" / "ln.ckpt", proc)
+    _wait_for(out / "checkpoints" / "ln-seed1.ckpt", proc)
     time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # it really was killed, not finished
@@ -96,7 +96,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(driver, tmp_p
     resumed = driver("compare", "--resume", str(out))
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
-    assert "gn: Group Norm - finished earlier, kept" in stdout
+    assert "gn: Group Norm, seed 1 - finished earlier, kept" in stdout
     assert "ln epoch  1/3" not in stdout and "ln epoch  2/3" in stdout  # continued, not redone
     _assert_same(_results(tmp_path / "whole"), _results(out))
     assert not (out / "checkpoints").exists()  # cleaned up once every variant finished
@@ -105,7 +105,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(driver, tmp_p
 def test_ctrl_c_saves_says_how_to_resume_and_exits_non_zero(driver, tmp_path):
     out = tmp_path / "run"
     proc = driver(*ARGS, "--out", str(out))
-    _wait_for(out / "checkpoints" / "gn.ckpt", proc)
+    _wait_for(out / "checkpoints" / "gn-seed1.ckpt", proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -113,7 +113,7 @@ def test_ctrl_c_saves_says_how_to_resume_and_exits_non_zero(driver, tmp_path):
     assert f"interrupted; every finished epoch is saved; resume with: normlab compare " \
            f"--resume {out}" in last
     assert "Traceback" not in stderr
-    assert (out / "checkpoints" / "gn.ckpt").exists()
+    assert (out / "checkpoints" / "gn-seed1.ckpt").exists()
     json.loads((out / "metrics.json").read_text())  # still valid
 
 
@@ -158,9 +158,9 @@ def test_malicious_checkpoint_in_a_resume_folder(tiny_mnist, tmp_path, capsys):
     (out / "metrics.json").write_text(json.dumps(metrics))
     (out / "checkpoints").mkdir()
     Payload.marker = tmp_path / "pwned"
-    torch.save(Payload(), out / "checkpoints" / "ln.ckpt")
+    torch.save(Payload(), out / "checkpoints" / "ln-seed1.ckpt")
     code, line = cli_error(["compare", "--resume", str(out), "--data-dir", str(folder)], capsys)
-    assert code == 1 and "ln.ckpt: not a loadable normlab training checkpoint" in line
+    assert code == 1 and "ln-seed1.ckpt: not a loadable normlab training checkpoint" in line
     assert not Payload.marker.exists()
 
 
@@ -191,8 +191,8 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     (lambda out: (out / "metrics.json").write_text('{"config": {}}'), 2,
      "metrics.json is corrupt"),
     (lambda out: (out / "metrics.json").unlink(), 2, "not a normlab compare folder"),
-    (lambda out: (out / "checkpoints" / "ln.ckpt").write_bytes(os.urandom(300)), 1,
-     "ln.ckpt: not a loadable normlab training checkpoint"),
+    (lambda out: (out / "checkpoints" / "ln-seed1.ckpt").write_bytes(os.urandom(300)), 1,
+     "ln-seed1.ckpt: not a loadable normlab training checkpoint"),
 ])
 def test_corrupt_resume_folder_gives_one_line(tiny_mnist, tmp_path, capsys, damage, code,
                                               message):

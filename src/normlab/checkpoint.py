@@ -47,8 +47,10 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_model(model: Net, path: str | Path, **meta: Any) -> None:
-    """Save the weights with what is needed to rebuild the model (norm, groups, dropout)."""
-    config = dict(norm=model.norm, num_groups=model.num_groups, dropout=model.dropout)
+    """Save the weights with what is needed to rebuild the model (norm, groups, dropout and
+    the conv stack, so that a file outlives a change of the default architecture)."""
+    config = dict(norm=model.norm, num_groups=model.num_groups, dropout=model.dropout,
+                  architecture=[list(layer) for layer in model.architecture])
     _save(path, {"config": config, "meta": meta, "state_dict": model.state_dict()})
 
 

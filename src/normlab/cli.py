@@ -26,16 +26,26 @@ from .checkpoint import CheckpointError, atomic_write, save_model, write_json
 from .data import DATASETS, Data, DataError, Loader, load_data, make_loaders
 from .engine import (
     DEFAULTS,
+    PRECISIONS,
     STUDY_VARIANTS,
     VARIANTS,
     TrainingDiverged,
     misclassified,
+    resolve_precision,
     select_device,
     train_model,
 )
 from .model import Net, count_parameters
 from .plots import plot_curves, plot_misclassified, plot_sweep
-from .report import environment, render_report, render_sweep_report
+from .report import (
+    environment,
+    failed_runs,
+    final_accuracies,
+    good_runs,
+    render_report,
+    render_sweep_report,
+)
+from .stats import t_interval
 from .sweep import DEFAULT_BATCH_SIZES, error_table, run_sweep
 
 SWEEP_VARIANTS = ("bn", "gn", "ln")
@@ -92,6 +102,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "for fashion-mnist, else a per-user cache; missing files are downloaded)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],
+                   help="auto: bfloat16 mixed precision where the hardware has it (CUDA, CPUs "
+                   "with AVX512-BF16 or AMX), else float32 (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--resume", type=Path, metavar="OUTDIR",
                    help="continue the run in OUTDIR with its own settings: finished work is "
@@ -103,16 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compare", help="train the variants and write metrics, figures, report",
-                       description="Train each variant from the same seed and write "
+                       description="Train each variant from the same seed(s) and write "
                        "metrics.json, figures, report.md and weights into --out.")
     _add_model_options(p, STUDY_VARIANTS)
     p.add_argument("--epochs", type=positive_int, default=DEFAULTS["epochs"])
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+",
+                   default=[DEFAULTS["seed"]], metavar="SEED",
+                   help="train every variant once per seed; with several seeds the report "
+                   "gives mean, spread and 95%% confidence intervals (default: 1)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"])
     p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
                    help="peak learning rate of the one-cycle schedule (default: %(default)s)")
     p.add_argument("--limit-train", type=positive_int, metavar="N",
                    help="train on the first N training images only (quick runs)")
+    p.add_argument("--holdout", type=positive_int, metavar="N",
+                   help="for tuning: hold out the last N training images and evaluate on them "
+                   "instead of the test set, which is then not touched")
     _add_run_options(p)
     p.set_defaults(func=cmd_compare)
 
@@ -207,7 +226,8 @@ def open_resume(args: argparse.Namespace, record: str = "metrics.json") -> dict[
         raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot resume "
                          f"from it: start a new run with --out") from None
     for key, value in config.items():
-        setattr(args, {"lambda_l1": "l1"}.get(key, key), value)
+        setattr(args, {"lambda_l1": "l1", "seed": "seeds"}.get(key, key),
+                    [value] if key == "seed" else value)  # records before --seeds had one
     return results
 
 
@@ -232,10 +252,12 @@ def new_metrics(args: argparse.Namespace, data: Data, device: torch.device) -> d
     return {
         "command": shlex.join(["normlab", *args.argv]),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": dict(variants=args.variants, epochs=args.epochs, seed=args.seed,
+        "config": dict(variants=args.variants, epochs=args.epochs, seeds=args.seeds,
                        batch_size=args.batch_size, lr=args.lr, lambda_l1=args.l1,
                        num_groups=args.num_groups, dataset=args.dataset,
-                       limit_train=args.limit_train, train_images=len(data.train_labels),
+                       limit_train=args.limit_train, holdout=args.holdout,
+                       eval_split=data.eval_split, precision=args.precision,
+                       train_images=len(data.train_labels),
                        test_images=len(data.test_labels)),
         "environment": environment(device),
         "variants": {},
@@ -248,44 +270,51 @@ def check_run_args(args: argparse.Namespace) -> torch.device:
     unusable device."""
     build_models(args.variants, args.num_groups)
     try:
-        return select_device(args.device)
+        device = select_device(args.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    args.precision = resolve_precision(args.precision, device)
+    return device
 
 
-def run_variant(name: str, args: argparse.Namespace, data: Data, device: torch.device,
-                out: Path, test_loader: Loader) -> dict[str, Any]:
-    """Train one variant (resuming its checkpoint if any) and write its weights and figure."""
+def weights_name(variant: str, seed: int) -> str:
+    return f"{variant}-seed{seed}.pt"
+
+
+def run_variant(name: str, seed: int, args: argparse.Namespace, data: Data,
+                device: torch.device, out: Path, test_loader: Loader) -> dict[str, Any]:
+    """Train one variant from one seed (resuming its checkpoint if any); write its weights,
+    and its misclassified figure for the first seed. Returns the run's record."""
     variant = VARIANTS[name]
     lambda_l1 = args.l1 if variant.l1 else 0.0
+    tag = f"{name} seed {seed}" if len(args.seeds) > 1 else name
 
     def log(epoch: int, row: dict[str, float]) -> None:
-        tqdm.write(f"  {name} epoch {epoch:2d}/{args.epochs}  lr {row['lr']:.4f}  "
+        tqdm.write(f"  {tag} epoch {epoch:2d}/{args.epochs}  lr {row['lr']:.4f}  "
                    f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
-                   f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  "
+                   f"{data.eval_split} loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  "
                    f"{row['epoch_time']:5.1f}s")
 
-    record = dict(label=variant.label, norm=variant.norm, lambda_l1=lambda_l1,
-                  params=count_parameters(Net(variant.norm, num_groups=args.num_groups)))
-    checkpoint = out / "checkpoints" / f"{name}.ckpt"
+    checkpoint = out / "checkpoints" / f"{name}-seed{seed}.ckpt"
     try:
         model, history = train_model(
             variant.norm, lambda_l1=lambda_l1, num_groups=args.num_groups, epochs=args.epochs,
-            seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=device, data=data,
-            name=name, progress=not args.no_progress, on_epoch=log, checkpoint=checkpoint)
+            seed=seed, batch_size=args.batch_size, lr=args.lr, device=device, data=data,
+            name=tag, progress=not args.no_progress, on_epoch=log, checkpoint=checkpoint,
+            precision=args.precision)
     except TrainingDiverged as exc:
-        print(f"normlab compare: error: {exc}; carrying on with the other variants",
+        print(f"normlab compare: error: {exc}; carrying on with the other runs",
               file=sys.stderr)
-        return {**record, "failed": str(exc)}
-    save_model(model, out / f"{name}.pt", variant=name, seed=args.seed,
-               test_acc=history["test_acc"][-1])
+        return {"seed": seed, "failed": str(exc)}
+    save_model(model, out / weights_name(name, seed), variant=name, seed=seed,
+               test_acc=history["test_acc"][-1], eval_split=data.eval_split)
     wrong = misclassified(model, device, test_loader, n=10)
-    plot_misclassified(wrong, f"{variant.label} ({name})", data.spec.classes,
-                       out / f"misclassified_{name}.png")
-    run = dict(seed=args.seed, wall_time_s=sum(history["epoch_time"]), history=history,
-               misclassified=dict(index=wrong.indices, predicted=wrong.predicted,
-                                  target=wrong.target, confidence=wrong.confidence))
-    return {**record, "runs": [run]}
+    if seed == args.seeds[0]:
+        plot_misclassified(wrong, f"{variant.label} ({name}, seed {seed})", data.spec.classes,
+                           out / f"misclassified_{name}.png", split=data.eval_split)
+    return dict(seed=seed, wall_time_s=sum(history["epoch_time"]), history=history,
+                misclassified=dict(index=wrong.indices, predicted=wrong.predicted,
+                                   target=wrong.target, confidence=wrong.confidence))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -294,30 +323,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = args.resume or prepare_out(args.out)
     args.out = out  # named in the message if interrupted
     with run_lock(out):
-        data = load_data(args.data_dir, args.dataset, args.limit_train)
+        try:
+            data = load_data(args.data_dir, args.dataset, args.limit_train,
+                             holdout=args.holdout)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if metrics is None:
             metrics = new_metrics(args, data, device)
             write_json(out / "metrics.json", metrics)
         (out / "checkpoints").mkdir(exist_ok=True)
         verb = "resuming" if args.resume else "writing to"
-        print(f"normlab compare: {len(args.variants)} variants x {args.epochs} epochs on "
-              f"{len(data.train_labels):,} {args.dataset} images, device {device}; {verb} {out}")
-        _, test_loader = make_loaders(data, args.batch_size, args.seed, device)
-        for i, name in enumerate(args.variants, 1):
-            print(f"[{i}/{len(args.variants)}] {name}: {VARIANTS[name].label}", end="")
-            if name in metrics["variants"]:
+        seeds = f" x {len(args.seeds)} seeds" if len(args.seeds) > 1 else ""
+        print(f"normlab compare: {len(args.variants)} variants{seeds} x {args.epochs} epochs "
+              f"on {len(data.train_labels):,} {args.dataset} images, evaluated on the "
+              f"{data.eval_split} set, device {device}; {verb} {out}")
+        _, test_loader = make_loaders(data, args.batch_size, args.seeds[0], device)
+        jobs = [(seed, name) for seed in args.seeds for name in args.variants]
+        for i, (seed, name) in enumerate(jobs, 1):
+            variant = VARIANTS[name]
+            record = metrics["variants"].setdefault(name, dict(
+                label=variant.label, norm=variant.norm,
+                lambda_l1=args.l1 if variant.l1 else 0.0,
+                params=count_parameters(Net(variant.norm, num_groups=args.num_groups)),
+                runs=[]))
+            print(f"[{i}/{len(jobs)}] {name}: {variant.label}, seed {seed}", end="")
+            if any(run["seed"] == seed for run in record["runs"]):
                 print(" - finished earlier, kept")
                 continue
             print()
-            metrics["variants"][name] = run_variant(name, args, data, device, out, test_loader)
-            metrics["wall_time_s"] = sum(r["wall_time_s"] for v in metrics["variants"].values()
-                                         for r in v.get("runs", []))
-            write_json(out / "metrics.json", metrics)  # finished variants survive what follows
-            (out / "checkpoints" / f"{name}.ckpt").unlink(missing_ok=True)
+            record["runs"].append(run_variant(name, seed, args, data, device, out, test_loader))
+            metrics["wall_time_s"] = sum(r.get("wall_time_s", 0.0)
+                                         for v in metrics["variants"].values()
+                                         for r in v["runs"])
+            write_json(out / "metrics.json", metrics)  # finished runs survive what follows
+            (out / "checkpoints" / f"{name}-seed{seed}.ckpt").unlink(missing_ok=True)
         if not any((out / "checkpoints").iterdir()):
             (out / "checkpoints").rmdir()
         finish(out, metrics)
-    return 1 if any("failed" in v for v in metrics["variants"].values()) else 0
+    return 1 if any(failed_runs(v) for v in metrics["variants"].values()) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -367,7 +410,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 "config": dict(variants=args.variants, batch_sizes=args.batch_sizes,
                                seeds=args.seeds, samples=args.samples, epochs=args.epochs,
                                lr=args.lr, lambda_l1=args.l1, num_groups=args.num_groups,
-                               dataset=args.dataset, train_images=len(data.train_labels),
+                               dataset=args.dataset, precision=args.precision,
+                               train_images=len(data.train_labels),
                                test_images=len(data.test_labels)),
                 "environment": environment(device),
                 "runs": {},
@@ -380,21 +424,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"{'resuming' if args.resume else 'writing to'} {out}")
         run_sweep(results, out / "sweep.json", data, args.variants, args.batch_sizes,
                   args.seeds, args.epochs, args.lr, args.l1, args.num_groups, device,
-                  progress=not args.no_progress, log=tqdm.write)
+                  progress=not args.no_progress, log=tqdm.write, precision=args.precision)
         finish_sweep(out, results)
     return 0
 
 
 def finish(out: Path, metrics: dict[str, Any]) -> None:
     """The curves figure, report.md and a summary table, from metrics.json's contents."""
-    done = {name: v for name, v in metrics["variants"].items() if "runs" in v}
-    plot_curves({f"{v['label']} ({name})": [r["history"] for r in v["runs"]]
-                 for name, v in done.items()}, out / "curves.png")
+    split = metrics["config"].get("eval_split", "test")
+    plot_curves({f"{v['label']} ({name})": [r["history"] for r in good_runs(v)]
+                 for name, v in metrics["variants"].items() if good_runs(v)},
+                out / "curves.png", split=split)
     atomic_write(out / "report.md", render_report(metrics))
-    print(f"\n{'variant':8s} {'params':>7s} {'final test acc':>15s}")
+    accs = final_accuracies(metrics)
+    print(f"\n{'variant':8s} {'params':>7s} {'seeds':>5s} {'final ' + split + ' acc':>19s} "
+          f"{'95% CI':>15s}")
     for name, v in metrics["variants"].items():
-        result = f"{v['runs'][0]['history']['test_acc'][-1]:14.2f}%" if "runs" in v else "failed"
-        print(f"{name:8s} {v['params']:7,d} {result:>15s}")
+        if name not in accs:
+            print(f"{name:8s} {v['params']:7,d} {0:5d} {'failed':>19s}")
+            continue
+        iv = t_interval(list(accs[name].values()))
+        ci = f"{iv.low:.2f}–{iv.high:.2f}%" if iv.n > 1 else "–"
+        print(f"{name:8s} {v['params']:7,d} {iv.n:5d} {iv.mean:18.2f}% {ci:>15s}")
     print(f"\nreport: {out / 'report.md'}  ({metrics['wall_time_s']:.0f} s of training)")
 
 

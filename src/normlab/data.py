@@ -257,24 +257,40 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 
 
 @dataclass
 class Data:
-    """Both splits of a dataset in memory, with the spec that says how to normalise them."""
+    """Training and evaluation splits in memory, with the spec that says how to normalise
+    them. ``eval_split`` says what the "test" tensors are: the test set, or a validation set
+    held out of the training set for tuning."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
     spec: DatasetSpec
+    eval_split: str = "test"
 
 
 def load_data(data_dir: str | os.PathLike | None = None, dataset: str | DatasetSpec = "mnist",
-              limit_train: int | None = None, download_missing: bool = True) -> Data:
-    """Load and verify both splits; ``limit_train`` keeps the first N training images."""
+              limit_train: int | None = None, download_missing: bool = True,
+              holdout: int | None = None) -> Data:
+    """Load and verify both splits; ``limit_train`` keeps the first N training images.
+
+    ``holdout=N`` is for tuning: the last N training images become the evaluation set and
+    the test set is not loaded at all, so choices made on it cannot leak into the test score.
+    ``limit_train`` then applies to what is left.
+    """
     spec = get_spec(dataset)
     if limit_train is not None and limit_train <= 0:
         raise ValueError(f"limit_train must be positive, got {limit_train}")
     train_x, train_y = load_split("train", data_dir, spec, download_missing)
-    test_x, test_y = load_split("test", data_dir, spec, download_missing)
-    return Data(train_x[:limit_train], train_y[:limit_train], test_x, test_y, spec)
+    if holdout is None:
+        test_x, test_y = load_split("test", data_dir, spec, download_missing)
+        return Data(train_x[:limit_train], train_y[:limit_train], test_x, test_y, spec)
+    if not 0 < holdout < len(train_y):
+        raise ValueError(f"holdout must be between 1 and {len(train_y) - 1} (the training set "
+                         f"has {len(train_y):,} images), got {holdout}")
+    keep = len(train_y) - holdout
+    return Data(train_x[:keep][:limit_train], train_y[:keep][:limit_train], train_x[keep:],
+                train_y[keep:], spec, eval_split="validation")
 
 
 def make_loaders(data: Data, batch_size: int, seed: int, device: torch.device | str = "cpu",

@@ -50,7 +50,7 @@ STUDY_VARIANTS = ("bn+l1", "ln", "gn")
 
 # Defaults shared by the CLI, the notebook and train_model.
 DEFAULTS = dict(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=0.0,
-                lambda_l1=1e-5, num_groups=4, dropout=0.0, seed=1)
+                lambda_l1=1e-5, num_groups=4, dropout=0.0, seed=1, precision="auto")
 
 
 def select_device(name: str | None = None) -> torch.device:
@@ -76,6 +76,41 @@ def select_device(name: str | None = None) -> torch.device:
     return device
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware (so autocast to it is a speed-up):
+    CUDA GPUs that support it, and CPUs with AVX512-BF16 or AMX (read from /proc/cpuinfo;
+    elsewhere we do not guess)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where the hardware has it natively, else "fp32"; others as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: "
+                         f"{', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision for the forward pass: convolutions in bfloat16, weights, optimiser
+    state and losses stay float32. "fp32" disables it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def l1_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of |w| over convolution and linear *weights* (not biases, not norm scale/shift).
 
@@ -86,10 +121,12 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
     return torch.stack([w.abs().sum() for w in weights]).sum()
 
 
-def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambda_l1: float = 0.0
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambda_l1: float = 0.0,
+              precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss to minimise, data loss, log-probabilities): NLL + lambda_l1 * sum |w|."""
-    output = model(x)
+    with autocast(x.device, precision):
+        output = model(x)
+    output = output.float()
     data_loss = F.nll_loss(output, y)
     loss = data_loss + lambda_l1 * l1_penalty(model) if lambda_l1 else data_loss
     return loss, data_loss, output
@@ -98,10 +135,12 @@ def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambda_l1: flo
 def train(model: nn.Module, device: torch.device, loader: Loader,
           optimizer: torch.optim.Optimizer, lambda_l1: float = 0.0,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-          desc: str | None = None, progress: bool = True) -> tuple[float, float]:
+          desc: str | None = None, progress: bool = True, precision: str = "fp32"
+          ) -> tuple[float, float]:
     """One epoch of training; returns (mean data loss, accuracy %) over the epoch's batches.
 
     The reported loss is the NLL alone, so variants with and without L1 stay comparable.
+    ``precision="bf16"`` runs the forward pass under bfloat16 autocast.
     """
     model.train()
     total_loss = torch.zeros((), device=device)
@@ -112,7 +151,7 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
     for batch, (x, y) in enumerate(bar, 1):
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss, data_loss, output = objective(model, x, y, lambda_l1)
+        loss, data_loss, output = objective(model, x, y, lambda_l1, precision)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
@@ -131,7 +170,8 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
 
 
 @torch.inference_mode()
-def test(model: nn.Module, device: torch.device, loader: Loader) -> tuple[float, float]:
+def test(model: nn.Module, device: torch.device, loader: Loader, precision: str = "fp32"
+         ) -> tuple[float, float]:
     """(mean NLL, accuracy %) of ``model`` over ``loader``, in eval mode."""
     model.eval()
     total_loss = torch.zeros((), device=device)
@@ -139,7 +179,8 @@ def test(model: nn.Module, device: torch.device, loader: Loader) -> tuple[float,
     seen = 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        output = model(x)
+        with autocast(device, precision):
+            output = model(x).float()
         total_loss += F.nll_loss(output, y, reduction="sum")
         correct += (output.argmax(1) == y).sum()
         seen += len(y)
@@ -179,6 +220,25 @@ def misclassified(model: nn.Module, device: torch.device, loader: Loader, n: int
                          [f[3] for f in found], index)
 
 
+def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int,
+                   momentum: float = DEFAULTS["momentum"],
+                   weight_decay: float = DEFAULTS["weight_decay"],
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD with Nesterov momentum under a one-cycle schedule peaking at ``lr``.
+
+    A short warm-up and a long anneal reach a good minimum in few epochs, which is what a
+    20-epoch budget needs. Weight decay applies to convolution weights only: decaying the
+    norm layers' scale and shift, or biases, only fights the normalization.
+    """
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    return optimizer, scheduler
+
+
 def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4,
                 epochs: int = DEFAULTS["epochs"], seed: int = DEFAULTS["seed"],
                 batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
@@ -190,14 +250,15 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
                 progress: bool = True,
                 on_epoch: Callable[[int, dict[str, float]], None] | None = None,
                 checkpoint: str | Path | None = None,
+                precision: str = DEFAULTS["precision"],
                 ) -> tuple[Net, History]:
     """Train one model from scratch; returns it with per-epoch losses, accuracies and times.
 
     Pass ``data`` (from ``load_data``) to reuse one in-memory copy across models; otherwise
     MNIST is loaded from ``data_dir`` (first ``limit_train`` training images).
 
-    SGD with Nesterov momentum under a OneCycle schedule: a short warm-up and a long
-    anneal reach a good minimum in few epochs, which is what a 20-epoch budget needs.
+    The optimiser and schedule come from ``make_optimizer``. ``precision`` "auto" trains in
+    bfloat16 mixed precision where the hardware has it (see ``resolve_precision``).
     ``on_epoch(epoch, row)`` is called after each epoch with that epoch's numbers.
 
     With ``checkpoint``, the full training state (model, optimiser, schedule, RNG states,
@@ -209,22 +270,22 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     if lambda_l1 < 0:
         raise ValueError(f"the L1 weight must be >= 0, got {lambda_l1}")
     device = device if isinstance(device, torch.device) else select_device(device)
+    precision = resolve_precision(precision, device)
     torch.manual_seed(seed)
     model = Net(norm, num_groups=num_groups, dropout=dropout).to(device)
     if data is None:
         data = load_data(data_dir, limit_train=limit_train)
     train_loader, test_loader = make_loaders(data, batch_size, seed, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True,
-                                weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=len(train_loader))
+    optimizer, scheduler = make_optimizer(model, lr, epochs, len(train_loader), momentum,
+                                          weight_decay)
     history: History = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc",
                                         "lr", "epoch_time")}
     name = name or norm
     # Everything that must match for a checkpoint to be continued by this call.
     config = dict(norm=norm, num_groups=num_groups, dropout=dropout, lambda_l1=lambda_l1,
                   epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, momentum=momentum,
-                  weight_decay=weight_decay, train_images=len(train_loader.labels))
+                  weight_decay=weight_decay, precision=precision,
+                  train_images=len(train_loader.labels))
     done = 0
     if checkpoint is not None and Path(checkpoint).exists():
         done, history = load_training_state(checkpoint, config, model, optimizer, scheduler,
@@ -235,11 +296,11 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
         try:
             train_loss, train_acc = train(model, device, train_loader, optimizer, lambda_l1,
                                           scheduler, desc=f"{name} {epoch}/{epochs}",
-                                          progress=progress)
+                                          progress=progress, precision=precision)
         except FloatingPointError as exc:
             raise TrainingDiverged(f"{name}: {exc} in epoch {epoch}; try a lower --lr"
                                    f"{' or --l1' if lambda_l1 else ''}") from None
-        test_loss, test_acc = test(model, device, test_loader)
+        test_loss, test_acc = test(model, device, test_loader, precision)
         row = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                    test_acc=test_acc, lr=lr_now, epoch_time=time.perf_counter() - start)
         for key, value in row.items():

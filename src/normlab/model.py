@@ -79,10 +79,11 @@ class Net(nn.Module):
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.norm, self.num_groups, self.dropout = norm, num_groups, dropout
+        self.architecture = tuple((str(n), int(c), int(k)) for n, c, k in architecture)
 
         layers: list[nn.Module] = []
         in_ch = 1
-        for name, out_ch, kernel in architecture:
+        for name, out_ch, kernel in self.architecture:
             if name == "pool":
                 layers.append(nn.MaxPool2d(kernel))
                 continue

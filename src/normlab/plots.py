@@ -17,17 +17,19 @@ from .engine import Misclassified
 History = Mapping[str, Sequence[float]]
 
 
-def plot_curves(histories: Mapping[str, Sequence[History]], path: str | Path | None = None
-                ) -> Figure:
-    """Test loss and test accuracy per epoch, one line per variant, in two panels.
+def plot_curves(histories: Mapping[str, Sequence[History]], path: str | Path | None = None,
+                split: str = "test") -> Figure:
+    """Test (or validation) loss and accuracy per epoch, one line per variant, in two panels.
 
     ``histories`` maps a variant's label to its runs (one history per seed). With several
     seeds the line is the mean and the band spans the lowest to the highest seed.
     """
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
+    # The last epochs, where variants differ by hundredths of a percent, get a zoomed inset.
+    ax_zoom = ax_acc.inset_axes((0.38, 0.1, 0.58, 0.48))
     for label, runs in histories.items():
-        seeds = f", mean of {len(runs)} seeds" if len(runs) > 1 else ""
+        seeds = f", mean of {len(runs)} seeds (band: min–max)" if len(runs) > 1 else ""
         for ax, key, fmt in ((ax_loss, "test_loss", "{:.4f}"), (ax_acc, "test_acc", "{:.2f}%")):
             values = np.array([run[key] for run in runs], dtype=float)
             epochs = np.arange(1, values.shape[1] + 1)
@@ -36,12 +38,16 @@ def plot_curves(histories: Mapping[str, Sequence[History]], path: str | Path | N
             # when the variants finish within hundredths of a percent of each other.
             (line,) = ax.plot(epochs, mean, marker="o", markersize=3,
                               label=f"{label}: final {fmt.format(mean[-1])}{seeds}")
+            axes = (ax, ax_zoom) if key == "test_acc" else (ax,)
+            if key == "test_acc":
+                ax_zoom.plot(epochs, mean, marker="o", markersize=2, color=line.get_color())
             if len(runs) > 1:
-                ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2,
-                                color=line.get_color(), linewidth=0)
-    ax_loss.set(title="Test loss", xlabel="epoch", ylabel="mean NLL per image (nats, log scale)",
-                yscale="log")
-    ax_acc.set(title="Test accuracy", xlabel="epoch", ylabel="accuracy (%)")
+                for a in axes:
+                    a.fill_between(epochs, values.min(0), values.max(0), alpha=0.2,
+                                   color=line.get_color(), linewidth=0)
+    ax_loss.set(title=f"{split.capitalize()} loss", xlabel="epoch",
+                ylabel="mean NLL per image (nats, log scale)", yscale="log")
+    ax_acc.set(title=f"{split.capitalize()} accuracy", xlabel="epoch", ylabel="accuracy (%)")
     # The interesting part of the accuracy curve is the last few percent.
     lowest = min((min(run["test_acc"]) for runs in histories.values() for run in runs),
                  default=90.0)
@@ -49,19 +55,29 @@ def plot_curves(histories: Mapping[str, Sequence[History]], path: str | Path | N
         ax_acc.set_ylim(90, 100)
         ax_acc.text(0.02, 0.02, f"y axis cut at 90% (lowest value {lowest:.1f}%)",
                     transform=ax_acc.transAxes, fontsize=8, color="gray")
+    last = max((len(run["test_acc"]) for runs in histories.values() for run in runs), default=1)
+    start = max(1, last // 2)
+    tail = [a for runs in histories.values() for run in runs for a in run["test_acc"][start - 1:]]
+    if tail:
+        ax_zoom.set_xlim(start - 0.3, last + 0.3)
+        ax_zoom.set_ylim(min(tail) - 0.05, min(100.0, max(tail) + 0.05))
+    ax_zoom.set_title(f"zoom: epochs {start}–{last}", fontsize=8)
+    ax_zoom.tick_params(labelsize=7)
+    ax_zoom.grid(alpha=0.3)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9)
+        ax.legend(fontsize=8, loc="upper left" if ax is ax_acc else "best")
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle("Batch vs Layer vs Group Normalization: test-set curves (final values in the "
-                 "legends)")
+    fig.suptitle(f"Batch vs Layer vs Group Normalization: {split}-set curves (final values in "
+                 f"the legends)")
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig
 
 
 def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
-                       path: str | Path | None = None, rows: int = 5, cols: int = 2) -> Figure:
+                       path: str | Path | None = None, rows: int = 5, cols: int = 2,
+                       split: str = "test") -> Figure:
     """The misclassified digits as a rows x cols grid, each captioned predicted vs true."""
     fig = Figure(figsize=(2.6 * cols, 2.0 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -73,8 +89,8 @@ def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
             continue
         ax.imshow(mis.images[i].numpy(), cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(f"predicted {classes[mis.predicted[i]]} ({mis.confidence[i]:.0%})\n"
-                     f"true {classes[mis.target[i]]}  (test #{mis.indices[i]})", fontsize=9)
-    fig.suptitle(f"{title}: {len(mis.predicted)} misclassified test images")
+                     f"true {classes[mis.target[i]]}  ({split} #{mis.indices[i]})", fontsize=9)
+    fig.suptitle(f"{title}: {len(mis.predicted)} misclassified {split} images")
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig

@@ -6,6 +6,7 @@ report carries all of them, taken from ``metrics.json`` (the single source of tr
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .stats import paired_difference, t_interval
 
 # Final-epoch test accuracy of the study normlab grew from (MNIST, single run, 20 epochs).
 REFERENCE_ACC = {"bn+l1": 99.27, "ln": 99.02, "gn": 99.25}
@@ -55,53 +57,137 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def _summary_rows(metrics: dict[str, Any]) -> list[str]:
-    rows = ["| variant | normalization | params | final test acc | best test acc (epoch) "
-            "| final test loss | reference study | wall time |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def good_runs(variant: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of a variant that finished (a run that diverged has no history)."""
+    return [run for run in variant.get("runs", []) if "history" in run]
+
+
+def failed_runs(variant: dict[str, Any]) -> list[str]:
+    """Messages of the runs of a variant that diverged (older records keep one per variant)."""
+    legacy = [variant["failed"]] if "failed" in variant else []
+    return legacy + [run["failed"] for run in variant.get("runs", []) if "failed" in run]
+
+
+def final_accuracies(metrics: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """variant -> {seed: final-epoch accuracy} over its finished runs."""
+    return {name: {run["seed"]: run["history"]["test_acc"][-1] for run in good_runs(v)}
+            for name, v in metrics["variants"].items() if good_runs(v)}
+
+
+def seeds_of(config: dict[str, Any]) -> list[int]:
+    """The seeds of a run (records made before --seeds name a single ``seed``)."""
+    return list(config["seeds"]) if "seeds" in config else [config["seed"]]
+
+
+def _pct(value: float) -> str:
+    return "–" if value != value else f"{value:.2f}%"  # NaN (one seed) shows as a dash
+
+
+def _seed_rows(metrics: dict[str, Any], split: str) -> list[str]:
+    """One row per (variant, seed): the raw numbers every summary is computed from."""
+    rows = [f"| variant | seed | params | final {split} acc | best {split} acc (epoch) "
+            f"| final {split} loss | wall time |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, v in metrics["variants"].items():
-        if "failed" in v:
-            rows.append(f"| {name} | {v['label']} | {v['params']:,} | **failed**: {v['failed']} "
-                        f"| | | | |")
-        for run in v.get("runs", []):
+        for message in failed_runs(v):
+            rows.append(f"| {name} | | {v['params']:,} | **failed**: {message} | | | |")
+        for run in good_runs(v):
             h = run["history"]
             best = int(np.argmax(h["test_acc"]))
-            # The reference study's numbers are for MNIST only.
-            ref = REFERENCE_ACC.get(name) if metrics["config"]["dataset"] == "mnist" else None
-            rows.append(
-                f"| {name} (seed {run['seed']}) | {v['label']} | {v['params']:,} "
-                f"| {h['test_acc'][-1]:.2f}% | {h['test_acc'][best]:.2f}% ({best + 1}) "
-                f"| {h['test_loss'][-1]:.4f} | {f'{ref:.2f}%' if ref else '–'} "
-                f"| {run['wall_time_s']:.0f} s |")
+            rows.append(f"| {name} | {run['seed']} | {v['params']:,} | {h['test_acc'][-1]:.2f}% "
+                        f"| {h['test_acc'][best]:.2f}% ({best + 1}) | {h['test_loss'][-1]:.4f} "
+                        f"| {run['wall_time_s']:.0f} s |")
     return rows
+
+
+def _summary_rows(metrics: dict[str, Any], split: str) -> list[str]:
+    """Per variant: mean ± std, 95% t-interval, min and max of the final accuracy."""
+    reference = REFERENCE_ACC if metrics["config"]["dataset"] == "mnist" and \
+        split == "test" else {}
+    rows = [f"| variant | normalization | params | seeds | final {split} acc, mean ± std "
+            f"| 95% CI | min | max | reference study |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, accs in final_accuracies(metrics).items():
+        v, iv = metrics["variants"][name], t_interval(list(accs.values()))
+        spread = f" ± {iv.std:.2f}" if iv.n > 1 else ""
+        ci = f"{iv.low:.2f}–{iv.high:.2f}%" if iv.n > 1 else "– (one seed)"
+        rows.append(f"| {name} | {v['label']} | {v['params']:,} | {iv.n} "
+                    f"| **{iv.mean:.2f}%**{spread} | {ci} | {min(accs.values()):.2f}% "
+                    f"| {max(accs.values()):.2f}% | {_pct(reference.get(name, math.nan))} |")
+    return rows
+
+
+def _pair_rows(metrics: dict[str, Any]) -> list[str]:
+    """Every pair of variants: the mean per-seed difference with its paired 95% interval."""
+    accs = final_accuracies(metrics)
+    rows = ["| A − B | seeds | mean difference (points) | 95% CI | test images | verdict |",
+            "| --- | ---: | ---: | ---: | ---: | --- |"]
+    names = list(accs)
+    test_images = metrics["config"]["test_images"]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if len(accs[a].keys() & accs[b].keys()) < 2:
+                continue
+            d = paired_difference(accs[a], accs[b])
+            verdict = (f"{a if d.mean > 0 else b} better" if d.excludes_zero()
+                       else "not distinguishable")
+            rows.append(f"| {a} − {b} | {d.n} | {d.mean:+.3f} | {d.low:+.3f} to {d.high:+.3f} "
+                        f"| {d.mean * test_images / 100:+.1f} | {verdict} |")
+    return rows if len(rows) > 2 else []
 
 
 def render_report(metrics: dict[str, Any]) -> str:
     """The markdown text of report.md for a finished (or partly finished) comparison."""
     cfg, env = metrics["config"], metrics["environment"]
+    split = cfg.get("eval_split", "test")
+    seeds = seeds_of(cfg)
+    evaluated = (f"{cfg['test_images']:,} test images" if split == "test" else
+                 f"{cfg['test_images']:,} validation images held out of the training set; "
+                 f"the test set was not used")
+    pairs = _pair_rows(metrics)
     lines = [
         "# normlab comparison",
         "",
         f"{cfg['epochs']} epochs per variant on {cfg['dataset']} "
-        f"({cfg['train_images']:,} training images, {cfg['test_images']:,} test images), "
-        f"batch {cfg['batch_size']}, seed {cfg['seed']}.",
+        f"({cfg['train_images']:,} training images, {evaluated}), batch {cfg['batch_size']}, "
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}.",
         "",
-        *_summary_rows(metrics),
+        *_summary_rows(metrics, split),
         "",
-        "Accuracy is on the full test set after the last epoch; \"best\" is the highest "
-        "epoch, which is reported for information only (choosing it would be peeking at "
-        "the test set)." + (" Reference: the single-run MNIST study normlab grew from."
-                            if cfg["dataset"] == "mnist" else ""),
+        f"Accuracy is on the full {split} set after the last epoch. The 95% confidence "
+        "interval of the mean uses Student's t with n − 1 degrees of freedom (n seeds), so "
+        "it is wide for few seeds." + (" Reference: the single-run MNIST study normlab grew "
+                                       "from." if cfg["dataset"] == "mnist" else ""),
         "",
-        "## Test curves",
+    ]
+    if pairs:
+        lines += [
+            "## Is one variant really better than another?",
+            "",
+            "Differences of final accuracy, paired by seed (the same seed gives both variants "
+            "the same data order and augmentation), with a paired-t 95% interval. A verdict "
+            "needs the interval to exclude 0.",
+            "",
+            *pairs,
+            "",
+        ]
+    lines += [
+        "## Every run",
         "",
-        "![test loss and accuracy](curves.png)",
+        *_seed_rows(metrics, split),
         "",
-        "## Misclassified test images",
+        "\"best\" is the highest epoch, reported for information only (choosing it would be "
+        f"peeking at the {split} set).",
+        "",
+        f"## {split.capitalize()} curves",
+        "",
+        f"![{split} loss and accuracy](curves.png)",
+        "",
+        f"## Misclassified {split} images (seed {seeds[0]})",
         "",
     ]
     for name, v in metrics["variants"].items():
-        if "runs" in v:
+        if good_runs(v):
             lines += [f"### {v['label']} ({name})", "", f"![{name}](misclassified_{name}.png)",
                       ""]
     config = ", ".join(f"{k}={v}" for k, v in cfg.items())

@@ -40,7 +40,7 @@ def run_key(variant: str, batch_size: int, seed: int) -> str:
 def run_sweep(results: dict[str, Any], path: Path, data: Data, variants: Sequence[str],
               batch_sizes: Sequence[int], seeds: Sequence[int], epochs: int, lr: float,
               lambda_l1: float, num_groups: int, device: torch.device, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, precision: str = "fp32") -> dict[str, Any]:
     """Train every (variant, batch size, seed) not yet in ``results["runs"]``.
 
     ``results`` is rewritten to ``path`` after every run, and the run in progress is
@@ -66,7 +66,7 @@ def run_sweep(results: dict[str, Any], path: Path, data: Data, variants: Sequenc
                                      epochs=epochs, seed=seed, batch_size=batch_size,
                                      lr=run_lr, device=device, data=data,
                                      name=f"{name} bs={batch_size}", progress=progress,
-                                     checkpoint=checkpoint)
+                                     checkpoint=checkpoint, precision=precision)
         except TrainingDiverged as exc:  # recorded, and the sweep goes on
             runs[key] = {**run, "failed": str(exc), "wall_time_s": 0.0}
             outcome = f"failed: {exc}"
