@@ -94,7 +94,7 @@ def reference_train_step(model, optimizer, scheduler, x, y, lambda_l1: float) ->
 
 # --- one measurement, in a child process ----------------------------------------------------
 def measure(pipeline: str, variant: str, warmup: int, steps: int, workers: int,
-            precision: str) -> dict[str, Any]:
+            precision: str, data_dir: str | None = None) -> dict[str, Any]:
     """Training images/s over ``steps`` batches after ``warmup`` batches, then evaluation
     images/s over the 10,000 test images (after one warm-up pass), and peak RSS."""
     random.seed(0)
@@ -102,7 +102,7 @@ def measure(pipeline: str, variant: str, warmup: int, steps: int, workers: int,
     device = select_device("cpu")
     v = VARIANTS[variant]
     lambda_l1 = DEFAULTS["lambda_l1"] if v.l1 else 0.0
-    data = load_data()
+    data = load_data(data_dir)
     model = Net(v.norm, num_groups=DEFAULTS["num_groups"], dropout=DEFAULTS["dropout"])
     optimizer, scheduler = make_optimizer(model, DEFAULTS["lr"], epochs=1,
                                           steps_per_epoch=warmup + steps + 1)
@@ -182,7 +182,8 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 def run_child(args: argparse.Namespace, pipeline: str, variant: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", pipeline, "--variants", variant,
            "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--workers", str(args.workers), "--precision", args.precision]
+           "--workers", str(args.workers), "--precision", args.precision,
+           *(["--data-dir", args.data_dir] if args.data_dir else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"throughput: the {pipeline} measurement of {variant} failed:\n"
@@ -198,12 +199,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="timed training batches")
     p.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
     p.add_argument("--precision", default="auto", help="normlab's precision (auto, fp32, bf16)")
+    p.add_argument("--data-dir", help="MNIST folder (default: as normlab finds it)")
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
     p.add_argument("--child", choices=["reference", "normlab"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.variants[0], args.warmup, args.steps,
-                                 args.workers, args.precision)))
+                                 args.workers, args.precision, args.data_dir)))
         return
 
     rows: dict[str, list[dict[str, Any]]] = {}

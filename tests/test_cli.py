@@ -13,6 +13,7 @@ from normlab.checkpoint import load_model
 from normlab.cli import main
 from normlab.data import load_data, make_loaders
 from normlab.engine import Misclassified
+from normlab.model import Net, count_parameters
 from normlab.plots import plot_curves, plot_misclassified
 
 STUDY = ("bn+l1", "ln", "gn")
@@ -105,7 +106,9 @@ def test_summary_prints_each_variant(capsys):
     out = capsys.readouterr().out
     for v in STUDY:
         assert f"== {v}:" in out
-    assert out.count("8,658 parameters") == 3 and "Total params: 8,658" in out
+    n = count_parameters(Net("group"))
+    assert n <= 10_000  # the study's budget
+    assert out.count(f"{n:,} parameters") == 3 and f"Total params: {n:,}" in out
 
 
 def test_misclassified_figure_is_a_5x2_grid():

@@ -18,7 +18,7 @@ from normlab import data as D
 from normlab import engine
 from normlab.checkpoint import CheckpointError, atomic_write, load_model, save_model
 from normlab.cli import main
-from normlab.model import Net
+from normlab.model import Net, count_parameters
 
 TESTS = Path(__file__).resolve().parent
 
@@ -243,10 +243,12 @@ def test_non_finite_loss_stops_only_that_variant(tiny_mnist, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "ln: loss became non-finite (NaN or inf) at batch 3 of 8 in epoch 1" in err
     metrics = json.loads((out / "metrics.json").read_text())
-    assert "failed" in metrics["variants"]["ln"]
-    assert "runs" in metrics["variants"]["gn"] and "runs" in metrics["variants"]["bn+l1"]
+    assert "failed" in metrics["variants"]["ln"]["runs"][0]
+    assert "history" in metrics["variants"]["gn"]["runs"][0]
+    assert "history" in metrics["variants"]["bn+l1"]["runs"][0]
     report = (out / "report.md").read_text()
-    assert "| ln | Layer Norm | 8,658 | **failed**: ln: loss became non-finite" in report
+    params = f"{count_parameters(Net('layer')):,}"
+    assert f"| ln | | {params} | **failed**: ln: loss became non-finite" in report
     assert (out / "misclassified_gn.png").exists() and not (out / "misclassified_ln.png").exists()
 
 

@@ -238,19 +238,26 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 
                   translate: float = 2.0, scale: float = 0.1) -> torch.Tensor:
     """Rotate (+-degrees), shift (+-translate pixels) and scale (1 +- scale) a whole batch.
 
-    One affine grid for the batch, sampled bilinearly: the per-batch equivalent of
-    torchvision's per-sample RandomAffine, with the random draws from ``generator`` (on the
-    CPU) so that one seed gives the same augmentation on any device.
+    The per-batch equivalent of torchvision's per-sample RandomAffine, with the random draws
+    from ``generator`` (on the CPU) so that one seed gives the same augmentation on any device.
     """
+    draws = torch.rand(len(x), 4, generator=generator).to(x.device) * 2 - 1
+    return affine(x, draws, degrees, translate, scale)
+
+
+def affine(x: torch.Tensor, draws: torch.Tensor, degrees: float = 7.0, translate: float = 2.0,
+           scale: float = 0.1) -> torch.Tensor:
+    """Apply the affine maps chosen by ``draws`` (n x 4, uniform in [-1, 1): angle, scale, x and
+    y shift, as fractions of their ranges) to the batch ``x``: one affine grid, sampled
+    bilinearly, computed on ``x``'s device."""
     n, _, h, w = x.shape
-    draws = torch.rand(n, 4, generator=generator) * 2 - 1  # uniform in [-1, 1)
     angle = draws[:, 0] * math.radians(degrees)
     factor = 1 + draws[:, 1] * scale
     # affine_grid works in normalised coordinates, where the image spans [-1, 1].
-    shift = draws[:, 2:] * translate * torch.tensor([2 / w, 2 / h])
+    shift = draws[:, 2:] * translate * torch.tensor([2 / w, 2 / h], device=draws.device)
     cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
-                         torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x.device, x.dtype)
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -329,14 +336,16 @@ class Loader:
         return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        n, device = len(self.labels), self.images.device
+        # An epoch's randomness is drawn up front on the CPU generator (the same numbers on
+        # any device) and moved to the device in one copy each: no per-batch host transfers.
+        order = torch.randperm(n, generator=self.generator).to(device) if self.shuffle else None
+        draws = (torch.rand(n, 4, generator=self.generator).to(device) * 2 - 1
+                 if self.augment else None)
         for start in range(0, n, self.batch_size):
-            if order is None:
-                index = slice(start, start + self.batch_size)
-            else:
-                index = order[start:start + self.batch_size].to(self.images.device)
+            stop = start + self.batch_size
+            index = slice(start, stop) if order is None else order[start:stop]
             x = self.images[index].unsqueeze(1).float().div_(255)
-            if self.augment:
-                x = random_affine(x, self.generator)
+            if draws is not None:
+                x = affine(x, draws[start:stop])
             yield x.sub_(self.mean).div_(self.std), self.labels[index]

@@ -1,0 +1,64 @@
+"""The throughput benchmark keeps working: its reference pipeline is faithful, its FLOP count
+matches a hand count, and both pipelines measure on the real data (a few steps only)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import throughput  # noqa: E402
+
+from normlab.data import MNIST  # noqa: E402
+from normlab.model import ARCHITECTURE  # noqa: E402
+
+
+def _digits(n=4):
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(n, 28, 28, generator=g) * 255).to(torch.uint8), torch.arange(n)
+
+
+def test_reference_dataset_is_totensor_then_normalize_per_sample():
+    images, labels = _digits()
+    x, y = throughput.PerSampleMNIST(images, labels, rotate=False)[2]
+    assert x.shape == (1, 28, 28) and y == 2
+    expected = (images[2].float() / 255 - MNIST.mean) / MNIST.std
+    torch.testing.assert_close(x[0], expected, rtol=0, atol=1e-6)
+
+
+def test_reference_rotation_is_nearest_neighbour_with_black_fill():
+    images, labels = _digits()
+    torch.manual_seed(3)
+    x, _ = throughput.PerSampleMNIST(images, labels, rotate=True)[1]
+    pixels = np.rint((x[0].numpy() * MNIST.std + MNIST.mean) * 255).astype(int)
+    # Nearest neighbour only moves pixels: every output value is an input value or the fill.
+    assert set(np.unique(pixels)) <= set(images[1].numpy().ravel().tolist()) | {0}
+    assert not np.array_equal(pixels, images[1].numpy())  # and it did rotate
+
+
+def test_flop_count_matches_a_hand_count_of_the_convolutions():
+    macs, size, channels = 0, 28, 1
+    for name, out_ch, kernel in ARCHITECTURE:
+        if name == "pool":
+            size //= kernel
+            continue
+        size -= kernel - 1
+        macs += size * size * out_ch * channels * kernel * kernel
+        channels = out_ch
+    macs += channels * 10  # the 1x1 classifier on the pooled features
+    flops = throughput.flops_per_image("gn")
+    assert flops["forward"] == pytest.approx(2 * macs)
+    # Backward: a weight gradient for every layer, an input gradient for all but the first.
+    assert 2 * flops["forward"] < flops["train"] < 3 * flops["forward"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["reference", "normlab"])
+def test_both_pipelines_measure_on_real_mnist(mnist_dir, pipeline):
+    r = throughput.measure(pipeline, "bn+l1", warmup=1, steps=2, workers=0, precision="auto",
+                           data_dir=str(mnist_dir))
+    assert r["pipeline"] == pipeline and r["variant"] == "bn+l1"
+    assert r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
+    assert r["peak_rss_mb"] > 50  # the process holds MNIST and torch at least
