@@ -130,3 +130,76 @@ def test_select_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not available"):
             select_device("cuda")
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    from normlab.engine import resolve_precision
+
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    assert resolve_precision("auto", CPU) == "bf16"
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("bf16", CPU) == "bf16"  # asked for explicitly: honoured
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        resolve_precision("fp16", CPU)
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    real_open = builtins.open
+    for flags, expected in (("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16", True),
+                            ("fpu avx512f avx2", False)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor : 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda path, *a, _i=info, **k: real_open(
+            _i if path == "/proc/cpuinfo" else path, *a, **k))
+        assert engine.native_bf16(CPU) is expected
+    assert engine.native_bf16(torch.device("meta")) is False
+
+
+def test_bf16_forward_is_close_to_fp32_and_keeps_float32_weights_and_loss():
+    torch.manual_seed(0)
+    model = Net("group")
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    loss32, _, out32 = objective(model, x, y, precision="fp32")
+    loss16, _, out16 = objective(model, x, y, precision="bf16")
+    assert out16.dtype == torch.float32 and loss16.dtype == torch.float32
+    # bfloat16 keeps 8 bits of mantissa: log-probabilities agree to about 1e-2.
+    torch.testing.assert_close(out16, out32, rtol=0, atol=5e-2)
+    loss16.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_training_learns_like_fp32():
+    results = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = Net("batch")
+        train_loader, test_loader = _synthetic_loaders()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(6):
+            train(model, CPU, train_loader, optimizer, progress=False, precision=precision)
+        results[precision] = engine.test(model, CPU, test_loader, precision=precision)
+    assert results["bf16"][1] > 80 and abs(results["bf16"][1] - results["fp32"][1]) <= 5
+
+
+def test_weight_decay_touches_convolution_weights_only():
+    from normlab.engine import make_optimizer
+
+    model = Net("group")
+    optimizer, scheduler = make_optimizer(model, lr=0.1, epochs=2, steps_per_epoch=5,
+                                          weight_decay=1e-3)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0
+               for p in g["params"]}
+    for name, p in model.named_parameters():
+        is_kernel = name.endswith("weight") and p.dim() > 1
+        assert (id(p) in decayed) == is_kernel, name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == \
+        len(list(model.parameters()))
+    lrs = []
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert max(lrs) == pytest.approx(0.1, rel=0.05) and lrs[-1] < 0.01  # one cycle

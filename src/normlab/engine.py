@@ -8,7 +8,7 @@ schedule together for one variant and one seed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_training_state, save_training_state
 from .data import Data, Loader, load_data, make_loaders
-from .model import Net
+from .model import ARCHITECTURE, Net
 
 History = dict[str, list[float]]
 
@@ -251,6 +251,7 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
                 on_epoch: Callable[[int, dict[str, float]], None] | None = None,
                 checkpoint: str | Path | None = None,
                 precision: str = DEFAULTS["precision"],
+                architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE,
                 ) -> tuple[Net, History]:
     """Train one model from scratch; returns it with per-epoch losses, accuracies and times.
 
@@ -272,7 +273,7 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     device = device if isinstance(device, torch.device) else select_device(device)
     precision = resolve_precision(precision, device)
     torch.manual_seed(seed)
-    model = Net(norm, num_groups=num_groups, dropout=dropout).to(device)
+    model = Net(norm, num_groups=num_groups, dropout=dropout, architecture=architecture).to(device)
     if data is None:
         data = load_data(data_dir, limit_train=limit_train)
     train_loader, test_loader = make_loaders(data, batch_size, seed, device)
@@ -283,6 +284,7 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     name = name or norm
     # Everything that must match for a checkpoint to be continued by this call.
     config = dict(norm=norm, num_groups=num_groups, dropout=dropout, lambda_l1=lambda_l1,
+                  architecture=[list(layer) for layer in model.architecture],
                   epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, momentum=momentum,
                   weight_decay=weight_decay, precision=precision,
                   train_images=len(train_loader.labels))

@@ -24,7 +24,7 @@ def plot_curves(histories: Mapping[str, Sequence[History]], path: str | Path | N
     ``histories`` maps a variant's label to its runs (one history per seed). With several
     seeds the line is the mean and the band spans the lowest to the highest seed.
     """
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    fig = Figure(figsize=(12, 5.8), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     # The last epochs, where variants differ by hundredths of a percent, get a zoomed inset.
     ax_zoom = ax_acc.inset_axes((0.38, 0.1, 0.58, 0.48))
@@ -66,7 +66,8 @@ def plot_curves(histories: Mapping[str, Sequence[History]], path: str | Path | N
     ax_zoom.grid(alpha=0.3)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left" if ax is ax_acc else "best")
+        # Below the panel, where it hides no curve.
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13))
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"Batch vs Layer vs Group Normalization: {split}-set curves (final values in "
                  f"the legends)")
