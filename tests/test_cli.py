@@ -51,7 +51,8 @@ def test_compare_writes_every_artefact(tiny_mnist, tmp_path, capsys):
     _, test_loader = make_loaders(data, 32, 1)
     for v in STUDY:
         model = load_model(out / f"{v}-seed1.pt")
-        loss, acc = engine.test(model, torch.device("cpu"), test_loader)
+        loss, acc = engine.test(model, torch.device("cpu"), test_loader,
+                                precision=metrics["config"]["precision"])
         assert acc == metrics["variants"][v]["runs"][0]["history"]["test_acc"][-1]
 
 

@@ -59,7 +59,7 @@ def test_unknown_norm_lists_the_choices():
 def test_num_groups_must_divide_each_layer():
     with pytest.raises(ValueError, match="num_groups=3 does not divide layer conv1's 8 channels"):
         Net("group", num_groups=3)
-    with pytest.raises(ValueError, match="num_groups=8 does not divide layer conv2's 12"):
+    with pytest.raises(ValueError, match="num_groups=8 does not divide layer conv3's 12"):
         Net("group", num_groups=8)
     Net("batch", num_groups=3)  # only group norm cares
 
@@ -75,3 +75,30 @@ def test_num_groups_must_divide_each_layer():
 def test_bad_sizes_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Net("group", **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 24, 24), (2, 5, 9, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_maxpool2x2_equals_pytorchs_maxpool_in_values_and_gradients(shape, dtype):
+    from normlab.model import MaxPool2x2
+
+    g = torch.Generator().manual_seed(0)
+    # Post-ReLU activations (many exact zeros), some exact positive ties, some ordinary values.
+    x = torch.relu(torch.randn(shape, generator=g)).to(dtype)
+    x[..., 0:2, 0:2] = 1.5  # a window whose four entries tie
+    x[..., 2, 2:4] = 0.75  # a tie within the top row of a window
+    x = x.detach().requires_grad_()
+    upstream = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, generator=g).to(dtype)
+    ours = MaxPool2x2()(x)
+    (grad_ours,) = torch.autograd.grad(ours, x, upstream)
+    theirs = torch.nn.functional.max_pool2d(x, 2)
+    (grad_theirs,) = torch.autograd.grad(theirs, x, upstream)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(grad_ours, grad_theirs)  # exact: ties go to the same element
+
+
+def test_maxpool2x2_passes_gradcheck():
+    from normlab.model import MaxPool2x2
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(MaxPool2x2(), (x,))

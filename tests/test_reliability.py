@@ -227,8 +227,8 @@ def test_non_finite_loss_stops_only_that_variant(tiny_mnist, tmp_path, capsys, m
     real = engine.objective
     calls = {"n": 0}
 
-    def poisoned(model, x, y, lambda_l1=0.0):
-        loss, data_loss, out = real(model, x, y, lambda_l1)
+    def poisoned(model, x, y, lambda_l1=0.0, precision="fp32"):
+        loss, data_loss, out = real(model, x, y, lambda_l1, precision)
         if model.norm == "layer":
             calls["n"] += 1
             if calls["n"] == 3:
