@@ -307,3 +307,18 @@ def test_unreadable_data_through_the_cli(tiny_mnist, tmp_path, capsys, monkeypat
     code, line = cli_error(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "o")],
                        capsys)
     assert code == 1 and "permission denied" in line
+
+
+def test_weights_from_before_architectures_were_recorded_still_load(tmp_path):
+    from normlab.checkpoint import ARCHITECTURE_0_1
+
+    old = Net("group", architecture=ARCHITECTURE_0_1)
+    path = tmp_path / "old.pt"
+    save_model(old, path)
+    blob = torch.load(path, weights_only=True)
+    del blob["config"]["architecture"]  # as normlab 0.1 wrote it
+    torch.save(blob, path)
+    loaded = load_model(path)
+    assert loaded.architecture == ARCHITECTURE_0_1
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded.eval()(x), old.eval()(x))

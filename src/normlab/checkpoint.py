@@ -19,6 +19,10 @@ import torch
 
 from .model import Net
 
+# The conv stack of normlab 0.1, whose weight files do not name their architecture.
+ARCHITECTURE_0_1 = (("conv1", 8, 3), ("conv2", 12, 3), ("conv3", 16, 3), ("pool", 0, 2),
+                    ("trans", 8, 1), ("conv4", 12, 3), ("conv5", 16, 3), ("conv6", 20, 3))
+
 
 class CheckpointError(Exception):
     """A weights/metrics file that cannot be used; the message says why and what to do."""
@@ -60,11 +64,13 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ne
     blob = _load(path, "weights file")
     if not isinstance(blob, dict) or not {"config", "state_dict"} <= blob.keys():
         raise CheckpointError(f"{path}: not a normlab weights file (no config/state_dict)")
-    model = Net(**blob["config"])
+    # Files written before weights recorded their architecture (normlab 0.1) used this one.
+    config = {"architecture": ARCHITECTURE_0_1, **blob["config"]}
+    model = Net(**config)
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit Net({blob['config']}): "
+        raise CheckpointError(f"{path}: weights do not fit Net({config}): "
                               f"{str(exc).splitlines()[0]}") from None
     return model.to(map_location)
 
