@@ -13,7 +13,7 @@ ARGS   ?=
 NORMLAB_DATA ?= $(if $(wildcard ../shared/data/mnist/t10k-labels-idx1-ubyte.gz),$(abspath ../shared/data/mnist))
 export NORMLAB_DATA
 
-.PHONY: demo test lint summary clean
+.PHONY: demo test bench lint summary clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,15 +29,18 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed  ## the full comparison: 3 variants x 20 epochs, then the report
 	$(BIN)/normlab compare $(ARGS)
 
+bench: $(VENV)/.installed  ## training/eval throughput vs the per-sample DataLoader pipeline
+	$(BIN)/python benchmarks/throughput.py $(or $(ARGS),--out benchmarks/results/cpu.json)
+
 summary: $(VENV)/.installed
 	$(BIN)/normlab summary
 
 test: $(VENV)/.installed-dev  ## lint, then the whole test suite
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest $(ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
