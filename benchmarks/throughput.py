@@ -74,15 +74,19 @@ class PerSampleMNIST(torch.utils.data.Dataset):
         return (x - MNIST.mean) / MNIST.std, int(self.labels[i])  # ToTensor, Normalize
 
 
-def reference_loaders(data, workers: int) -> tuple[Any, Any]:
+def reference_loaders(data, workers: int, pin: bool) -> tuple[Any, Any]:
     train_ds = PerSampleMNIST(data.train_images, data.train_labels, rotate=True)
     test_ds = PerSampleMNIST(data.test_images, data.test_labels, rotate=False)
     return (torch.utils.data.DataLoader(train_ds, batch_size=BATCH, shuffle=True,
-                                        num_workers=workers, persistent_workers=workers > 0),
-            torch.utils.data.DataLoader(test_ds, batch_size=1000, num_workers=workers))
+                                        num_workers=workers, persistent_workers=workers > 0,
+                                        pin_memory=pin),
+            torch.utils.data.DataLoader(test_ds, batch_size=1000, num_workers=workers,
+                                        pin_memory=pin))
 
 
-def reference_train_step(model, optimizer, scheduler, x, y, lambda_l1: float) -> None:
+def reference_train_step(model, optimizer, scheduler, x, y, lambda_l1: float,
+                         device: torch.device) -> None:
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     optimizer.zero_grad()
     loss = F.nll_loss(model(x), y)
     if lambda_l1:
@@ -94,34 +98,46 @@ def reference_train_step(model, optimizer, scheduler, x, y, lambda_l1: float) ->
 
 # --- one measurement, in a child process ----------------------------------------------------
 def measure(pipeline: str, variant: str, warmup: int, steps: int, workers: int,
-            precision: str, data_dir: str | None = None) -> dict[str, Any]:
+            precision: str, data_dir: str | None = None, device_name: str = "cpu"
+            ) -> dict[str, Any]:
     """Training images/s over ``steps`` batches after ``warmup`` batches, then evaluation
-    images/s over the 10,000 test images (after one warm-up pass), and peak RSS."""
+    images/s over the 10,000 test images (after one warm-up pass), and peak memory."""
     random.seed(0)
     torch.manual_seed(0)
-    device = select_device("cpu")
+    device = select_device(device_name)
+
+    def sync() -> None:  # GPU work is asynchronous: wait for it before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     v = VARIANTS[variant]
     lambda_l1 = DEFAULTS["lambda_l1"] if v.l1 else 0.0
     data = load_data(data_dir)
     model = Net(v.norm, num_groups=DEFAULTS["num_groups"], dropout=DEFAULTS["dropout"])
+    model.to(device)
     optimizer, scheduler = make_optimizer(model, DEFAULTS["lr"], epochs=1,
                                           steps_per_epoch=warmup + steps + 1)
     if pipeline == "reference":
-        train_loader, test_loader = reference_loaders(data, workers)
+        precision = "fp32"
+        train_loader, test_loader = reference_loaders(data, workers, device.type == "cuda")
         batches = iter(train_loader)
         model.train()
         for _ in range(warmup):
-            reference_train_step(model, optimizer, scheduler, *next(batches), lambda_l1)
+            reference_train_step(model, optimizer, scheduler, *next(batches), lambda_l1, device)
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
-            reference_train_step(model, optimizer, scheduler, *next(batches), lambda_l1)
+            reference_train_step(model, optimizer, scheduler, *next(batches), lambda_l1, device)
+        sync()
         train_s = time.perf_counter() - start
 
         def evaluate() -> None:
             model.eval()
             with torch.no_grad():
                 for x, y in test_loader:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     F.nll_loss(model(x), y, reduction="sum")
+            sync()
     else:
         precision = resolve_precision(precision, device)
         split = dict(batch_size=BATCH, shuffle=True, augment=True, seed=0, device=device,
@@ -146,10 +162,12 @@ def measure(pipeline: str, variant: str, warmup: int, steps: int, workers: int,
     eval_s = time.perf_counter() - start
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     worker_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return dict(pipeline=pipeline, variant=variant, precision=precision,
+    gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return dict(pipeline=pipeline, variant=variant, precision=precision, device=str(device),
                 train_images_per_s=steps * BATCH / train_s,
                 eval_images_per_s=len(data.test_labels) / eval_s,
-                peak_rss_mb=kib / 1024, largest_worker_rss_mb=worker_kib / 1024)
+                peak_rss_mb=kib / 1024, largest_worker_rss_mb=worker_kib / 1024,
+                peak_gpu_mb=gpu_mb)
 
 
 # --- the model's arithmetic and the machine's -----------------------------------------------
@@ -168,13 +186,18 @@ def flops_per_image(variant: str) -> dict[str, float]:
     return dict(forward=fwd.get_total_flops() / BATCH, train=step.get_total_flops() / BATCH)
 
 
-def gemm_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """Achieved GFLOP/s of a large square matrix product: a practical peak for this CPU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def gemm_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 10
+                ) -> float:
+    """Achieved GFLOP/s of a large square matrix product: a practical peak for the device."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     torch.mm(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         torch.mm(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
 
 
@@ -183,6 +206,7 @@ def run_child(args: argparse.Namespace, pipeline: str, variant: str) -> dict[str
     cmd = [sys.executable, __file__, "--child", pipeline, "--variants", variant,
            "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--workers", str(args.workers), "--precision", args.precision,
+           "--device", args.device,
            *(["--data-dir", args.data_dir] if args.data_dir else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -200,12 +224,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
     p.add_argument("--precision", default="auto", help="normlab's precision (auto, fp32, bf16)")
     p.add_argument("--data-dir", help="MNIST folder (default: as normlab finds it)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
     p.add_argument("--child", choices=["reference", "normlab"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.variants[0], args.warmup, args.steps,
-                                 args.workers, args.precision, args.data_dir)))
+                                 args.workers, args.precision, args.data_dir, args.device)))
         return
 
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -218,7 +243,9 @@ def main() -> None:
                   f"({ours['train_images_per_s'] / ref['train_images_per_s']:.2f}x); eval "
                   f"img/s: normlab {ours['eval_images_per_s']:7.0f}", flush=True)
 
-    peak = {"fp32": gemm_gflops(torch.float32), "bf16": gemm_gflops(torch.bfloat16)}
+    device = select_device(args.device)
+    peak = {"fp32": gemm_gflops(torch.float32, device),
+            "bf16": gemm_gflops(torch.bfloat16, device)}
     summary = {}
     print(f"\n{'variant':7s} {'ref train':>10s} {'normlab':>9s} {'ratio':>6s} {'eval':>8s} "
           f"{'eval/train':>10s} {'ref eval':>9s} {'RSS MB':>7s} {'GFLOP/img':>9s} "
@@ -248,12 +275,14 @@ def main() -> None:
               f"{s['reference_eval']:9.0f} {s['normlab_peak_rss_mb']:7.0f} "
               f"{flops['train'] / 1e9:9.4f} {s['achieved_train_gflops']:8.1f}")
     print(f"\nimages/s are medians over {args.rounds} rounds; ratio = median of per-round "
-          f"normlab/reference. GFLOP/img counts forward + backward convolutions. This CPU's "
+          f"normlab/reference. GFLOP/img counts forward + backward convolutions. The {device} "
           f"practical peak (2048x2048 matrix product): {peak['fp32']:.0f} GFLOP/s float32, "
           f"{peak['bf16']:.0f} GFLOP/s bfloat16.")
     if args.out:
         record = dict(command=" ".join(["python", *sys.argv]), git_revision=git_revision(),
-                      cpu=cpu_name(), cpu_count=torch.get_num_threads(),
+                      cpu=cpu_name(), torch_threads=torch.get_num_threads(),
+                      device=str(device),
+                      gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                       torch=torch.__version__, python=platform.python_version(),
                       settings=dict(rounds=args.rounds, warmup=args.warmup, steps=args.steps,
                                     workers=args.workers, batch=BATCH),

@@ -62,3 +62,28 @@ def test_both_pipelines_measure_on_real_mnist(mnist_dir, pipeline):
     assert r["pipeline"] == pipeline and r["variant"] == "bn+l1"
     assert r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
     assert r["peak_rss_mb"] > 50  # the process holds MNIST and torch at least
+
+
+def test_tune_architecture_strings_round_trip():
+    import tune
+
+    assert tune.parse_arch(tune.format_arch(ARCHITECTURE)) == tuple(
+        (f"{'trans' if k == 1 else 'conv'}{i}" if n != "pool" else "pool", c, k)
+        for i, (n, c, k) in enumerate(ARCHITECTURE, 1))
+    assert tune.format_arch(ARCHITECTURE) == "8,16,p,8t,12,16,16,20"
+
+
+@pytest.mark.slow
+def test_tune_screens_on_held_out_training_images(mnist_dir, tmp_path, monkeypatch):
+    import json
+
+    import tune
+
+    log = tmp_path / "screen.jsonl"
+    monkeypatch.setattr(sys, "argv", ["tune.py", "--variant", "gn", "--epochs", "1",
+                                      "--holdout", "59000", "--data-dir", str(mnist_dir),
+                                      "--log", str(log)])
+    tune.main()
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["validation_images"] == 59000 and record["variant"] == "gn"
+    assert len(record["val_acc"]) == 1 and 10 < record["final_val_acc"] <= 100
