@@ -27,7 +27,8 @@ from normlab.model import Net
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="gn", choices=list(VARIANTS))
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default=DEFAULTS["precision"],
+                   choices=["auto", "fp32", "bf16"])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rows", type=int, default=15)
     p.add_argument("--data-dir")

@@ -222,7 +222,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="batches before timing starts")
     p.add_argument("--steps", type=int, default=60, help="timed training batches")
     p.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
-    p.add_argument("--precision", default="auto", help="normlab's precision (auto, fp32, bf16)")
+    p.add_argument("--precision", default=DEFAULTS["precision"],
+                   help="normlab's precision: fp32 (the default), bf16 or auto")
     p.add_argument("--data-dir", help="MNIST folder (default: as normlab finds it)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--out", type=Path, help="also write the results as JSON here")

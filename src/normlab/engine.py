@@ -50,7 +50,7 @@ STUDY_VARIANTS = ("bn+l1", "ln", "gn")
 
 # Defaults shared by the CLI, the notebook and train_model.
 DEFAULTS = dict(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=0.0,
-                lambda_l1=1e-5, num_groups=4, dropout=0.0, seed=1, precision="auto")
+                lambda_l1=1e-5, num_groups=4, dropout=0.0, seed=1, precision="fp32")
 
 
 def select_device(name: str | None = None) -> torch.device:
@@ -258,8 +258,9 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     Pass ``data`` (from ``load_data``) to reuse one in-memory copy across models; otherwise
     MNIST is loaded from ``data_dir`` (first ``limit_train`` training images).
 
-    The optimiser and schedule come from ``make_optimizer``. ``precision`` "auto" trains in
-    bfloat16 mixed precision where the hardware has it (see ``resolve_precision``).
+    The optimiser and schedule come from ``make_optimizer``. ``precision`` "bf16" trains in
+    bfloat16 mixed precision, "auto" does so where the hardware has it (see
+    ``resolve_precision``); the default is float32 (docs/performance.md says why).
     ``on_epoch(epoch, row)`` is called after each epoch with that epoch's numbers.
 
     With ``checkpoint``, the full training state (model, optimiser, schedule, RNG states,
