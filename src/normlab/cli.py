@@ -278,8 +278,9 @@ def check_run_args(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def weights_name(variant: str, seed: int) -> str:
-    return f"{variant}-seed{seed}.pt"
+def run_file(variant: str, seed: int, suffix: str) -> str:
+    """One run's file name: weights ``.pt`` in the output folder, ``.ckpt`` in checkpoints/."""
+    return f"{variant}-seed{seed}{suffix}"
 
 
 def run_variant(name: str, seed: int, args: argparse.Namespace, data: Data,
@@ -296,7 +297,7 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, data: Data,
                    f"{data.eval_split} loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  "
                    f"{row['epoch_time']:5.1f}s")
 
-    checkpoint = out / "checkpoints" / f"{name}-seed{seed}.ckpt"
+    checkpoint = out / "checkpoints" / run_file(name, seed, ".ckpt")
     try:
         model, history = train_model(
             variant.norm, lambda_l1=lambda_l1, num_groups=args.num_groups, epochs=args.epochs,
@@ -307,7 +308,7 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, data: Data,
         print(f"normlab compare: error: {exc}; carrying on with the other runs",
               file=sys.stderr)
         return {"seed": seed, "failed": str(exc)}
-    save_model(model, out / weights_name(name, seed), variant=name, seed=seed,
+    save_model(model, out / run_file(name, seed, ".pt"), variant=name, seed=seed,
                test_acc=history["test_acc"][-1], eval_split=data.eval_split)
     wrong = misclassified(model, device, test_loader, n=10)
     if seed == args.seeds[0]:
@@ -357,7 +358,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                          for v in metrics["variants"].values()
                                          for r in v["runs"])
             write_json(out / "metrics.json", metrics)  # finished runs survive what follows
-            (out / "checkpoints" / f"{name}-seed{seed}.ckpt").unlink(missing_ok=True)
+            (out / "checkpoints" / run_file(name, seed, ".ckpt")).unlink(missing_ok=True)
         if not any((out / "checkpoints").iterdir()):
             (out / "checkpoints").rmdir()
         finish(out, metrics)

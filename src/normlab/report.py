@@ -6,7 +6,6 @@ report carries all of them, taken from ``metrics.json`` (the single source of tr
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import subprocess
@@ -79,10 +78,6 @@ def seeds_of(config: dict[str, Any]) -> list[int]:
     return list(config["seeds"]) if "seeds" in config else [config["seed"]]
 
 
-def _pct(value: float) -> str:
-    return "–" if value != value else f"{value:.2f}%"  # NaN (one seed) shows as a dash
-
-
 def _seed_rows(metrics: dict[str, Any], split: str) -> list[str]:
     """One row per (variant, seed): the raw numbers every summary is computed from."""
     rows = [f"| variant | seed | params | final {split} acc | best {split} acc (epoch) "
@@ -111,9 +106,10 @@ def _summary_rows(metrics: dict[str, Any], split: str) -> list[str]:
         v, iv = metrics["variants"][name], t_interval(list(accs.values()))
         spread = f" ± {iv.std:.2f}" if iv.n > 1 else ""
         ci = f"{iv.low:.2f}–{iv.high:.2f}%" if iv.n > 1 else "– (one seed)"
+        ref = f"{reference[name]:.2f}%" if name in reference else "–"
         rows.append(f"| {name} | {v['label']} | {v['params']:,} | {iv.n} "
                     f"| **{iv.mean:.2f}%**{spread} | {ci} | {min(accs.values()):.2f}% "
-                    f"| {max(accs.values()):.2f}% | {_pct(reference.get(name, math.nan))} |")
+                    f"| {max(accs.values()):.2f}% | {ref} |")
     return rows
 
 
