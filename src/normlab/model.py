@@ -1,33 +1,23 @@
 """The compact MNIST CNN whose only moving part is the normalization layer.
 
 Every convolution is followed by the same block: norm -> ReLU (-> dropout). Which
-normalization that is comes from one name -> layer map, ``NORM_LAYERS``, so the switch
-lives in one place (the pattern timm's ``create_norm.py`` uses).
+normalization that is comes from ``normlab.norms.make_norm``, one name -> layer map, so the
+switch lives in one place (the pattern timm's ``create_norm.py`` uses).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name -> factory(channels, num_groups). Every normalizing layer carries a per-channel
-# scale and shift, so "batch", "layer", "group" and "instance" have identical parameter
-# counts and differ only in which values share a mean and variance:
-#   batch    : per channel, over (N, H, W)         -- statistics shared across the batch
-#   layer    : per sample, over (C, H, W)          -- GroupNorm with one group
-#   group    : per sample, per group of channels   -- over (C/G, H, W)
-#   instance : per sample, per channel, over (H, W) -- GroupNorm with one channel a group
-NORM_LAYERS: dict[str, Callable[[int, int], nn.Module]] = {
-    "batch": lambda channels, groups: nn.BatchNorm2d(channels),
-    "layer": lambda channels, groups: nn.GroupNorm(1, channels),
-    "group": lambda channels, groups: nn.GroupNorm(groups, channels),
-    "instance": lambda channels, groups: nn.GroupNorm(channels, channels),
-    "none": lambda channels, groups: nn.Identity(),
-}
-NORMS: tuple[str, ...] = tuple(NORM_LAYERS)
+from .norms import NORM_LAYERS, NORMS, check_norm, make_norm
+
+__all__ = ["ARCHITECTURE", "NORM_LAYERS", "NORMS", "MaxPool2x2", "Net", "count_parameters",
+           "make_norm"]
+
 
 # (name, out_channels, kernel) for each conv; "pool" is a 2x2 max-pool. Input 1x28x28.
 # Unpadded 3x3 convs shrink the map: 28 -> 26 -> 24, pool -> 12, 1x1 transition, then
@@ -83,13 +73,6 @@ class MaxPool2x2(nn.Module):
         return _MaxPool2x2.apply(x[..., :h, :w])
 
 
-def make_norm(norm: str, channels: int, num_groups: int = 4) -> nn.Module:
-    """Build the normalization layer called ``norm`` for ``channels`` channels."""
-    if norm not in NORM_LAYERS:
-        raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
-    return NORM_LAYERS[norm](channels, num_groups)
-
-
 class Net(nn.Module):
     """Compact CNN for 1x28x28 digits; returns N x 10 log-probabilities.
 
@@ -98,6 +81,8 @@ class Net(nn.Module):
         num_groups: groups for ``norm="group"``; must divide every conv's channels.
         dropout: drop probability after each conv block (0 disables it).
         architecture: the conv stack, as in ``ARCHITECTURE``; change it to study width.
+        virtual_batches: for ``norm="batch"``, split each training batch into this many
+            parts, each normalised with its own statistics (``norms.BatchNorm2d``).
     """
 
     def __init__(
@@ -107,10 +92,10 @@ class Net(nn.Module):
         dropout: float = 0.0,
         architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE,
         num_classes: int = 10,
+        virtual_batches: int = 1,
     ) -> None:
         super().__init__()
-        if norm not in NORM_LAYERS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
+        check_norm(norm)
         if num_groups <= 0:
             raise ValueError(f"num_groups must be positive, got {num_groups}")
         if not 0.0 <= dropout < 1.0:
@@ -118,6 +103,7 @@ class Net(nn.Module):
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.norm, self.num_groups, self.dropout = norm, num_groups, dropout
+        self.virtual_batches = virtual_batches
         self.architecture = tuple((str(n), int(c), int(k)) for n, c, k in architecture)
 
         layers: list[nn.Module] = []
@@ -136,7 +122,7 @@ class Net(nn.Module):
                     f"channels; pick a divisor of {out_ch}"
                 )
             block = [nn.Conv2d(in_ch, out_ch, kernel, bias=norm == "none"),
-                     make_norm(norm, out_ch, num_groups), nn.ReLU(inplace=True)]
+                     make_norm(norm, out_ch, num_groups, virtual_batches), nn.ReLU(inplace=True)]
             if dropout > 0:
                 block.append(nn.Dropout(dropout))
             layers.append(nn.Sequential(*block))

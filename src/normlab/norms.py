@@ -1,0 +1,174 @@
+"""Normalization layers by name, and the one Batch Norm that data-parallel training needs.
+
+``make_norm(name, channels)`` is the single switch between normalizations (the pattern of
+timm's ``create_norm.py``); ``convert(model, name)`` applies it to any model.
+
+Batch Norm is the only normalization whose statistics depend on *which images share a
+batch*. Under data-parallel training each device normalises with its own slice of the
+global batch, which is what Group Norm was invented to avoid (Wu & He, 2018). One layer,
+``BatchNorm2d``, covers the three settings normlab studies:
+
+* plain: exactly ``nn.BatchNorm2d`` (it *is* one; the forward is PyTorch's own);
+* ``virtual_batches=K``: each training batch is split into K parts (as ``torch.tensor_split``
+  splits it over K devices) and each part is normalised with its own statistics -- "ghost
+  batch norm" (Hoffer et al., 2017), the per-device effect inside one process;
+* ``sync=True``: statistics over the whole global batch of every rank, from an
+  autograd-aware all-reduce, so it runs on CPU (``nn.SyncBatchNorm`` refuses CPU tensors).
+
+All three keep ``nn.BatchNorm2d``'s running statistics (unbiased variance, same momentum)
+and its state_dict keys, so their weights load into one another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.nn.functional import all_reduce
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training statistics may come from parts of the batch
+    (``virtual_batches``) or from every rank's batch (``sync``); see the module docstring.
+
+    Running statistics: with ``virtual_batches=K`` they move towards the *average* of the K
+    parts' means and unbiased variances, which is exactly what K devices' running statistics
+    averaged after training give (the update is linear); with ``sync`` towards the global
+    batch's. In one process, or in eval mode, the layer is plain Batch Norm.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *,
+                 virtual_batches: int = 1, sync: bool = False, process_group=None,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        if virtual_batches < 1:
+            raise ValueError(f"virtual_batches must be >= 1, got {virtual_batches}")
+        if sync and virtual_batches > 1:
+            raise ValueError("synchronized Batch Norm normalises over the whole global batch; "
+                             "it cannot also use virtual batches")
+        self.virtual_batches, self.sync, self.process_group = virtual_batches, sync, process_group
+
+    def extra_repr(self) -> str:
+        extra = f", virtual_batches={self.virtual_batches}" if self.virtual_batches > 1 else ""
+        return super().extra_repr() + extra + (", sync=True" if self.sync else "")
+
+    def _synchronised(self) -> bool:
+        return (self.sync and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not (self.virtual_batches > 1 or self._synchronised()):
+            return super().forward(x)
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D")
+        # Statistics in float32 also under bfloat16 autocast, as PyTorch's kernels keep them.
+        y = self._sync_forward(x.float()) if self.sync else self._virtual_forward(x.float())
+        return y.to(x.dtype)
+
+    def _virtual_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PyTorch's own batch_norm per part. Running buffers of the parts' size with momentum
+        1 receive each part's mean and unbiased variance, which we then average."""
+        k, c = self.virtual_batches, self.num_features
+        n = len(x)
+        if n % k == 0:  # the usual case: one call on (N/K, K*C, H, W), parts side by side
+            parts = x.reshape(k, n // k, c, *x.shape[2:]).transpose(0, 1).flatten(1, 2)
+            mean, var = x.new_zeros(k * c), x.new_ones(k * c)
+            y = F.batch_norm(parts, mean, var, self._repeat(self.weight, k),
+                             self._repeat(self.bias, k), True, 1.0, self.eps)
+            y = y.reshape(n // k, k, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+            self._update_running(mean.view(k, c).mean(0), var.view(k, c).mean(0))
+            return y
+        # A smaller last batch that K does not divide: split it as K devices would.
+        outputs, means, variances = [], [], []
+        for part in x.tensor_split(k):
+            if len(part) == 0:
+                continue
+            mean, var = x.new_zeros(c), x.new_ones(c)
+            outputs.append(F.batch_norm(part, mean, var, self.weight, self.bias, True, 1.0,
+                                        self.eps))
+            means.append(mean)
+            variances.append(var)
+        self._update_running(torch.stack(means).mean(0), torch.stack(variances).mean(0))
+        return torch.cat(outputs)
+
+    @staticmethod
+    def _repeat(param: torch.Tensor | None, k: int) -> torch.Tensor | None:
+        return None if param is None else param.repeat(k)
+
+    def _sync_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two-pass statistics over every rank's images: the global mean from an all-reduce
+        of (sum, count), then the variance from an all-reduce of squared deviations from it
+        (no sum-of-squares cancellation). The all-reduces carry gradients, so each rank's
+        backward sees every rank's contribution; ranks with unequal batches weigh exactly."""
+        group = self.process_group or dist.group.WORLD
+        count = x.new_tensor([x.numel() / x.shape[1]])
+        totals = all_reduce(torch.cat([x.sum((0, 2, 3)), count]), group=group)
+        n = totals[-1]
+        mean = totals[:-1] / n
+        centred = x - mean[None, :, None, None]
+        var = all_reduce(centred.square().sum((0, 2, 3)), group=group) / n
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        with torch.no_grad():
+            self._update_running(mean, var * n / (n - 1).clamp(min=1))
+        return y
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """``nn.BatchNorm2d``'s update: momentum, or a cumulative average when it is None."""
+        if not self.track_running_stats or self.running_mean is None:
+            return
+        self.num_batches_tracked.add_(1)
+        f = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+             else self.momentum)
+        self.running_mean.mul_(1 - f).add_(mean.detach() * f)
+        self.running_var.mul_(1 - f).add_(unbiased_var.detach() * f)
+
+
+# name -> factory(channels, num_groups). Every normalizing layer carries a per-channel
+# scale and shift, so all of them have identical parameter counts and differ only in which
+# values share a mean and variance:
+#   batch     : per channel, over (N, H, W)          -- statistics shared across the batch
+#   syncbatch : per channel, over (N, H, W) of every rank's batch (one process: "batch")
+#   layer     : per sample, over (C, H, W)           -- GroupNorm with one group
+#   group     : per sample, per group of channels    -- over (C/G, H, W)
+#   instance  : per sample, per channel, over (H, W) -- GroupNorm with one channel a group
+NORM_LAYERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "batch": lambda channels, groups: BatchNorm2d(channels),
+    "syncbatch": lambda channels, groups: BatchNorm2d(channels, sync=True),
+    "layer": lambda channels, groups: nn.GroupNorm(1, channels),
+    "group": lambda channels, groups: nn.GroupNorm(groups, channels),
+    "instance": lambda channels, groups: nn.GroupNorm(channels, channels),
+    "none": lambda channels, groups: nn.Identity(),
+}
+NORMS: tuple[str, ...] = tuple(NORM_LAYERS)
+
+
+def check_norm(norm: str) -> None:
+    if norm not in NORM_LAYERS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
+
+
+def make_norm(norm: str, channels: int, num_groups: int = 4, virtual_batches: int = 1
+              ) -> nn.Module:
+    """The normalization layer called ``norm`` for ``channels`` channels.
+
+    ``virtual_batches`` > 1 splits each training batch of a "batch" norm into that many
+    parts with their own statistics; the norms without batch statistics ignore it.
+    """
+    check_norm(norm)
+    if norm == "group" and channels % num_groups:
+        raise ValueError(f"num_groups={num_groups} does not divide {channels} channels; "
+                         f"pick a divisor of {channels}")
+    if virtual_batches > 1 and norm == "syncbatch":
+        raise ValueError("synchronized Batch Norm computes over the whole global batch; it "
+                         "does not combine with virtual batches")
+    if virtual_batches > 1 and norm == "batch":
+        return BatchNorm2d(channels, virtual_batches=virtual_batches)
+    return NORM_LAYERS[norm](channels, num_groups)
