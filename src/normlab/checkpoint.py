@@ -55,6 +55,8 @@ def save_model(model: Net, path: str | Path, **meta: Any) -> None:
     the conv stack, so that a file outlives a change of the default architecture)."""
     config = dict(norm=model.norm, num_groups=model.num_groups, dropout=model.dropout,
                   architecture=[list(layer) for layer in model.architecture])
+    if model.virtual_batches > 1:
+        config["virtual_batches"] = model.virtual_batches
     _save(path, {"config": config, "meta": meta, "state_dict": model.state_dict()})
 
 
@@ -80,10 +82,12 @@ def _save(path: str | Path, obj: Any) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def _load(path: Path, what: str) -> Any:
-    """torch.load with weights_only=True, every failure turned into one CheckpointError line."""
+def _load(path: Path, what: str, blob: bytes | None = None) -> Any:
+    """torch.load with weights_only=True (of ``blob``, the file's bytes, when given), every
+    failure turned into one CheckpointError line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(blob) if blob is not None else path, map_location="cpu",
+                          weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
@@ -108,14 +112,16 @@ def save_training_state(path: str | Path, config: dict[str, Any], epoch: int, mo
 def load_training_state(path: str | Path, config: dict[str, Any], model: Net,
                         optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler,
-                        generator: torch.Generator) -> tuple[int, dict[str, list[float]]]:
-    """Restore a ``save_training_state`` file into the given objects; (epoch, history).
+                        generator: torch.Generator, blob: bytes | None = None
+                        ) -> tuple[int, dict[str, list[float]]]:
+    """Restore a ``save_training_state`` file (or its bytes, ``blob``, as received from
+    rank 0) into the given objects; (epoch, history).
 
-    Refuses a checkpoint made for another configuration (variant, architecture, schedule),
-    naming what differs, rather than silently training a hybrid.
+    Refuses a checkpoint made for another configuration (variant, architecture, schedule,
+    world size), naming what differs, rather than silently training a hybrid.
     """
     path = Path(path)
-    state = _load(path, "training checkpoint")
+    state = _load(path, "training checkpoint", blob)
     if not isinstance(state, dict) or state.get("format") != "normlab-training-state-1":
         raise CheckpointError(f"{path}: not a normlab training checkpoint; delete it to start "
                               f"that variant again")

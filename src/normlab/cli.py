@@ -1,59 +1,32 @@
-"""The ``normlab`` command: ``compare`` trains the variants and writes the report,
-``summary`` prints each variant's layers, ``explain`` works the statistics by hand.
+"""The ``normlab`` command: it parses arguments and turns failures into one line.
 
-Every expected failure (bad argument, bad data, unwritable folder) ends in one line on
-stderr and a non-zero exit, never a traceback; finished variants are on disk before the
-next one starts, so an interruption loses at most the variant in progress.
+``compare`` trains the variants and writes the report, ``sweep`` trains them across batch
+sizes, ``report`` redraws a finished run, ``summary`` prints each variant's layers,
+``explain`` works the statistics by hand. The work itself is in ``study`` (running studies,
+also as --jobs or under torchrun) and the modules it calls.
+
+Every expected failure (bad argument, bad data, unwritable folder, a failed rank) ends in
+one line on stderr and a non-zero exit, never a traceback; finished runs are on disk before
+the next one starts, and every finished epoch is checkpointed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import torch
-from tqdm.auto import tqdm
+import torch.distributed as dist
 
-from . import explain
-from .checkpoint import CheckpointError, atomic_write, save_model, write_json
-from .data import DATASETS, Data, DataError, Loader, load_data, make_loaders
-from .engine import (
-    DEFAULTS,
-    PRECISIONS,
-    STUDY_VARIANTS,
-    VARIANTS,
-    TrainingDiverged,
-    misclassified,
-    resolve_precision,
-    select_device,
-    train_model,
-)
-from .model import Net, count_parameters
-from .plots import plot_curves, plot_misclassified, plot_sweep
-from .report import (
-    environment,
-    failed_runs,
-    final_accuracies,
-    good_runs,
-    render_report,
-    render_sweep_report,
-)
-from .stats import t_interval
-from .sweep import DEFAULT_BATCH_SIZES, error_table, run_sweep
+from . import distributed, explain
+from .data import DATASETS
+from .engine import DEFAULTS, PRECISIONS, STUDY_VARIANTS, VARIANTS
+from .model import count_parameters
+from .study import Study, Sweep, build_models, error_line, redraw, run_study
+from .sweep import DEFAULT_BATCH_SIZES
 
 SWEEP_VARIANTS = ("bn", "gn", "ln")
 SWEEP_SAMPLES = 20000
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for, reported as one line with exit code 2."""
 
 
 def positive_int(text: str) -> int:
@@ -110,6 +83,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", type=Path, metavar="OUTDIR",
                    help="continue the run in OUTDIR with its own settings: finished work is "
                    "kept, the interrupted model continues from its last finished epoch")
+    p.add_argument("--virtual-batch-size", type=positive_int, metavar="B",
+                   help="Batch Norm computes its training statistics over each B images of "
+                   "a batch, as batch/B devices would (ghost batch norm); B must divide the "
+                   "batch per process")
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                   help="train N independent runs at a time in separate processes, each "
+                   "with max(1, cores // N) threads (default: 1)")
+    p.add_argument("--threads", type=positive_int, metavar="T",
+                   help="torch threads per process (default: all cores for one process; "
+                   "cores // N for --jobs N; cores // processes per machine under torchrun)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,34 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_models(variants: list[str], num_groups: int) -> dict[str, Net]:
-    """One untrained model per variant; raises UsageError for an impossible combination."""
-    try:
-        return {name: Net(VARIANTS[name].norm, num_groups=num_groups) for name in variants}
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def prepare_out(out: Path | None, kind: str = "compare", record: str = "metrics.json") -> Path:
-    """Create the output folder (a fresh one under runs/ by default) and prove it writable."""
-    if out is None:
-        out = Path("runs") / datetime.now().strftime(f"%Y%m%d-%H%M%S-{kind}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    if (out / record).exists():
-        raise UsageError(f"--out {out} already holds a run ({record}); continue it with "
-                         f"--resume {out}, or choose another folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".normlab-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"cannot write to --out {out} ({exc.strerror}); choose a writable "
-                         f"folder") from None
-    return out
-
-
 def cmd_summary(args: argparse.Namespace) -> int:
     from torchinfo import summary
 
@@ -206,249 +161,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_resume(args: argparse.Namespace, record: str = "metrics.json") -> dict[str, Any]:
-    """Load ``record`` from the run folder ``args.resume`` and put its settings into ``args``.
-
-    A resumed run uses the run's own settings, not this command line's defaults.
-    """
-    out = args.resume
-    path = out / record
-    if not out.is_dir():
-        raise UsageError(f"--resume {out}: no such folder")
-    if not path.exists():
-        raise UsageError(f"--resume {out}: not a normlab {args.command} folder (no {record}); "
-                         f"start a new run with --out")
-    try:
-        results = json.loads(path.read_text())
-        config = results["config"]
-        for key in ("variants", "epochs", "lambda_l1", "num_groups", "dataset"):
-            config[key]  # noqa: B018 - presence check
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot resume "
-                         f"from it: start a new run with --out") from None
-    for key, value in config.items():
-        setattr(args, {"lambda_l1": "l1", "seed": "seeds"}.get(key, key),
-                    [value] if key == "seed" else value)  # records before --seeds had one
-    return results
-
-
-@contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out`` so that two runs never write into one folder."""
-    try:
-        import fcntl
-    except ImportError:  # Windows has no fcntl: run without the lock
-        yield
-        return
-    with open(out / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another normlab run is writing to {out}; wait for it to finish "
-                             f"or choose another --out") from None
-        yield
-
-
-def new_metrics(args: argparse.Namespace, data: Data, device: torch.device) -> dict[str, Any]:
-    return {
-        "command": shlex.join(["normlab", *args.argv]),
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": dict(variants=args.variants, epochs=args.epochs, seeds=args.seeds,
-                       batch_size=args.batch_size, lr=args.lr, lambda_l1=args.l1,
-                       num_groups=args.num_groups, dataset=args.dataset,
-                       limit_train=args.limit_train, holdout=args.holdout,
-                       eval_split=data.eval_split, precision=args.precision,
-                       train_images=len(data.train_labels),
-                       test_images=len(data.test_labels)),
-        "environment": environment(device),
-        "variants": {},
-        "wall_time_s": 0.0,
-    }
-
-
-def check_run_args(args: argparse.Namespace) -> torch.device:
-    """Fail fast, before any data is read, on variants/groups that cannot be built or an
-    unusable device."""
-    build_models(args.variants, args.num_groups)
-    try:
-        device = select_device(args.device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    args.precision = resolve_precision(args.precision, device)
-    return device
-
-
-def run_file(variant: str, seed: int, suffix: str) -> str:
-    """One run's file name: weights ``.pt`` in the output folder, ``.ckpt`` in checkpoints/."""
-    return f"{variant}-seed{seed}{suffix}"
-
-
-def run_variant(name: str, seed: int, args: argparse.Namespace, data: Data,
-                device: torch.device, out: Path, test_loader: Loader) -> dict[str, Any]:
-    """Train one variant from one seed (resuming its checkpoint if any); write its weights,
-    and its misclassified figure for the first seed. Returns the run's record."""
-    variant = VARIANTS[name]
-    lambda_l1 = args.l1 if variant.l1 else 0.0
-    tag = f"{name} seed {seed}" if len(args.seeds) > 1 else name
-
-    def log(epoch: int, row: dict[str, float]) -> None:
-        tqdm.write(f"  {tag} epoch {epoch:2d}/{args.epochs}  lr {row['lr']:.4f}  "
-                   f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
-                   f"{data.eval_split} loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  "
-                   f"{row['epoch_time']:5.1f}s")
-
-    checkpoint = out / "checkpoints" / run_file(name, seed, ".ckpt")
-    try:
-        model, history = train_model(
-            variant.norm, lambda_l1=lambda_l1, num_groups=args.num_groups, epochs=args.epochs,
-            seed=seed, batch_size=args.batch_size, lr=args.lr, device=device, data=data,
-            name=tag, progress=not args.no_progress, on_epoch=log, checkpoint=checkpoint,
-            precision=args.precision)
-    except TrainingDiverged as exc:
-        print(f"normlab compare: error: {exc}; carrying on with the other runs",
-              file=sys.stderr)
-        return {"seed": seed, "failed": str(exc)}
-    save_model(model, out / run_file(name, seed, ".pt"), variant=name, seed=seed,
-               test_acc=history["test_acc"][-1], eval_split=data.eval_split)
-    wrong = misclassified(model, device, test_loader, n=10)
-    if seed == args.seeds[0]:
-        plot_misclassified(wrong, f"{variant.label} ({name}, seed {seed})", data.spec.classes,
-                           out / f"misclassified_{name}.png", split=data.eval_split)
-    return dict(seed=seed, wall_time_s=sum(history["epoch_time"]), history=history,
-                misclassified=dict(index=wrong.indices, predicted=wrong.predicted,
-                                   target=wrong.target, confidence=wrong.confidence))
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    metrics = open_resume(args) if args.resume else None
-    device = check_run_args(args)
-    out = args.resume or prepare_out(args.out)
-    args.out = out  # named in the message if interrupted
-    with run_lock(out):
-        try:
-            data = load_data(args.data_dir, args.dataset, args.limit_train,
-                             holdout=args.holdout)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        if metrics is None:
-            metrics = new_metrics(args, data, device)
-            write_json(out / "metrics.json", metrics)
-        (out / "checkpoints").mkdir(exist_ok=True)
-        verb = "resuming" if args.resume else "writing to"
-        seeds = f" x {len(args.seeds)} seeds" if len(args.seeds) > 1 else ""
-        print(f"normlab compare: {len(args.variants)} variants{seeds} x {args.epochs} epochs "
-              f"on {len(data.train_labels):,} {args.dataset} images, evaluated on the "
-              f"{data.eval_split} set, device {device}; {verb} {out}")
-        _, test_loader = make_loaders(data, args.batch_size, args.seeds[0], device)
-        jobs = [(seed, name) for seed in args.seeds for name in args.variants]
-        for i, (seed, name) in enumerate(jobs, 1):
-            variant = VARIANTS[name]
-            record = metrics["variants"].setdefault(name, dict(
-                label=variant.label, norm=variant.norm,
-                lambda_l1=args.l1 if variant.l1 else 0.0,
-                params=count_parameters(Net(variant.norm, num_groups=args.num_groups)),
-                runs=[]))
-            print(f"[{i}/{len(jobs)}] {name}: {variant.label}, seed {seed}", end="")
-            if any(run["seed"] == seed for run in record["runs"]):
-                print(" - finished earlier, kept")
-                continue
-            print()
-            record["runs"].append(run_variant(name, seed, args, data, device, out, test_loader))
-            metrics["wall_time_s"] = sum(r.get("wall_time_s", 0.0)
-                                         for v in metrics["variants"].values()
-                                         for r in v["runs"])
-            write_json(out / "metrics.json", metrics)  # finished runs survive what follows
-            (out / "checkpoints" / run_file(name, seed, ".ckpt")).unlink(missing_ok=True)
-        if not any((out / "checkpoints").iterdir()):
-            (out / "checkpoints").rmdir()
-        finish(out, metrics)
-    return 1 if any(failed_runs(v) for v in metrics["variants"].values()) else 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """Figures and report.md are pure functions of the run's JSON record: redraw them."""
-    record = next((args.run / n for n in ("metrics.json", "sweep.json")
-                   if (args.run / n).exists()), None)
-    if record is None:
-        raise UsageError(f"{args.run}: no metrics.json or sweep.json; give a compare or "
-                         f"sweep output folder")
-    try:
-        results = json.loads(record.read_text())
-        if record.name == "sweep.json":
-            finish_sweep(args.run, results)
-        else:
-            finish(args.run, results)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{record} is corrupt ({type(exc).__name__}: {exc}); cannot draw "
-                         f"a report from it") from None
-    return 0
-
-
-def finish_sweep(out: Path, results: dict[str, Any]) -> None:
-    """sweep.png, report.md and the error table, from sweep.json's contents."""
-    errors = {f"{VARIANTS[v].label} ({v})": by_batch
-              for v, by_batch in error_table(results).items()}
-    cfg = results["config"]
-    seeds = f"; mean of {len(cfg['seeds'])} seeds, band min–max" if len(cfg["seeds"]) > 1 else ""
-    plot_sweep(errors, f"Test error vs batch size on {cfg['dataset']}, "
-               f"{cfg['train_images']:,} images per run{seeds}", out / "sweep.png")
-    report = render_sweep_report(results, errors)
-    atomic_write(out / "report.md", report)
-    print("\n".join(line for line in report.splitlines() if line.startswith("|")))
-    print(f"\nreport: {out / 'report.md'}")
+    return run_study(Study(args))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    results = open_resume(args, "sweep.json") if args.resume else None
-    device = check_run_args(args)
-    out = args.resume or prepare_out(args.out, "sweep", "sweep.json")
-    args.out = out
-    with run_lock(out):
-        data = load_data(args.data_dir, args.dataset, args.samples)
-        if results is None:
-            results = {
-                "command": shlex.join(["normlab", *args.argv]),
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
-                "config": dict(variants=args.variants, batch_sizes=args.batch_sizes,
-                               seeds=args.seeds, samples=args.samples, epochs=args.epochs,
-                               lr=args.lr, lambda_l1=args.l1, num_groups=args.num_groups,
-                               dataset=args.dataset, precision=args.precision,
-                               train_images=len(data.train_labels),
-                               test_images=len(data.test_labels)),
-                "environment": environment(device),
-                "runs": {},
-            }
-            write_json(out / "sweep.json", results)
-        total = len(args.variants) * len(args.batch_sizes) * len(args.seeds)
-        print(f"normlab sweep: {len(args.variants)} variants x {len(args.batch_sizes)} batch "
-              f"sizes x {len(args.seeds)} seed(s) = {total} runs of {args.epochs} epoch(s) on "
-              f"{len(data.train_labels):,} {args.dataset} images, device {device}; "
-              f"{'resuming' if args.resume else 'writing to'} {out}")
-        run_sweep(results, out / "sweep.json", data, args.variants, args.batch_sizes,
-                  args.seeds, args.epochs, args.lr, args.l1, args.num_groups, device,
-                  progress=not args.no_progress, log=tqdm.write, precision=args.precision)
-        finish_sweep(out, results)
+    return run_study(Sweep(args))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    redraw(args.run)
     return 0
-
-
-def finish(out: Path, metrics: dict[str, Any]) -> None:
-    """The curves figure, report.md and a summary table, from metrics.json's contents."""
-    split = metrics["config"].get("eval_split", "test")
-    plot_curves({f"{v['label']} ({name})": [r["history"] for r in good_runs(v)]
-                 for name, v in metrics["variants"].items() if good_runs(v)},
-                out / "curves.png", split=split)
-    atomic_write(out / "report.md", render_report(metrics))
-    accs = final_accuracies(metrics)
-    print(f"\n{'variant':8s} {'params':>7s} {'seeds':>5s} {'final ' + split + ' acc':>19s} "
-          f"{'95% CI':>15s}")
-    for name, v in metrics["variants"].items():
-        if name not in accs:
-            print(f"{name:8s} {v['params']:7,d} {0:5d} {'failed':>19s}")
-            continue
-        iv = t_interval(list(accs[name].values()))
-        ci = f"{iv.low:.2f}–{iv.high:.2f}%" if iv.n > 1 else "–"
-        print(f"{name:8s} {v['params']:7,d} {iv.n:5d} {iv.mean:18.2f}% {ci:>15s}")
-    print(f"\nreport: {out / 'report.md'}  ({metrics['wall_time_s']:.0f} s of training)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,19 +180,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in metrics.json and the report, to reproduce the run
     try:
+        ranks = distributed.from_env()
+    except ValueError:
+        ranks = distributed.Ranks()
+    me = f"normlab {args.command}: " + (f"rank {ranks.rank}: " if ranks.distributed else "")
+    try:
         return args.func(args)
-    except UsageError as exc:
-        parser.exit(2, f"normlab {args.command}: error: {exc}\n")
-    except DataError as exc:
-        parser.exit(1, f"normlab {args.command}: data error: {exc}\n")
-    except CheckpointError as exc:
-        parser.exit(1, f"normlab {args.command}: error: {exc}\n")
+    except distributed.RankFailed as exc:
+        parser.exit(exc.exit_code, f"{me}stopped: rank {exc.rank} failed with {exc.line}\n")
+    except (distributed.Stopped, dist.DistError) as exc:
+        if not ranks.distributed:
+            raise
+        lost = distributed.lost_ranks(ranks)
+        who = (f"rank {', '.join(map(str, lost))} stopped or lost contact" if lost else
+               f"another rank stopped or lost contact ({str(exc).splitlines()[0][:120]})")
+        parser.exit(1, f"{me}error: {who}; every finished epoch is saved{_resume(args, ranks)}\n")
     except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        hint = f"; resume with: normlab compare --resume {out}" if out else ""
-        parser.exit(130, f"\nnormlab {args.command}: interrupted; every finished epoch is "
-                         f"saved{hint}\n")
+        parser.exit(130, f"\n{me}interrupted; every finished epoch is saved"
+                         f"{_resume(args, ranks)}\n")
+    except Exception as exc:
+        line = error_line(exc)
+        if line is None:
+            raise
+        parser.exit(line[0], f"{me}{line[1]}\n")
     return 0
+
+
+def _resume(args: argparse.Namespace, ranks: distributed.Ranks) -> str:
+    """How to continue an interrupted run, as the user launched it."""
+    out = getattr(args, "out", None)
+    if out is None or args.command not in ("compare", "sweep"):
+        return ""
+    if ranks.nodes > 1:
+        return f"; resume by running the same torchrun commands with: {args.command} --resume {out}"
+    launch = (f"torchrun --nproc-per-node {ranks.world_size} -m normlab"
+              if ranks.distributed else "normlab")
+    return f"; resume with: {launch} {args.command} --resume {out}"
 
 
 if __name__ == "__main__":

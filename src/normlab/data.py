@@ -301,11 +301,13 @@ def load_data(data_dir: str | os.PathLike | None = None, dataset: str | DatasetS
 
 
 def make_loaders(data: Data, batch_size: int, seed: int, device: torch.device | str = "cpu",
-                 test_batch_size: int = 1000) -> tuple[Loader, Loader]:
-    """Train loader (shuffled, augmented, seeded) and test loader (in order, large batches)."""
+                 test_batch_size: int = 1000, shard: tuple[int, int] = (0, 1)
+                 ) -> tuple[Loader, Loader]:
+    """Train loader (shuffled, augmented, seeded; ``shard=(rank, world)`` gives this rank's
+    part of every global batch) and test loader (in order, large batches)."""
     stats = dict(mean=data.spec.mean, std=data.spec.std, device=device)
     return (Loader(data.train_images, data.train_labels, batch_size, shuffle=True,
-                   augment=True, seed=seed, **stats),
+                   augment=True, seed=seed, shard=shard, **stats),
             Loader(data.test_images, data.test_labels, test_batch_size, **stats))
 
 
@@ -316,24 +318,35 @@ class Loader:
     float, optionally augmented and normalised there, so a GPU run makes no per-batch host
     copies. Shuffling and augmentation draw from one seeded generator: the same seed gives
     the same batches, and ``generator.get_state()`` is all a checkpoint needs to resume.
+
+    Data parallelism: with ``shard=(rank, world)`` every rank draws the same global shuffle
+    and augmentation, and yields only its own contiguous part of each global batch of
+    ``batch_size`` (cut as ``torch.tensor_split`` cuts it), so the union over ranks is
+    exactly what one process would train on.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  shuffle: bool = False, augment: bool = False, seed: int = 0,
                  device: torch.device | str = "cpu", mean: float = MNIST.mean,
-                 std: float = MNIST.std) -> None:
+                 std: float = MNIST.std, shard: tuple[int, int] = (0, 1)) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
+        if not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
-        self.mean, self.std = mean, std
+        self.mean, self.std, self.shard = mean, std, shard
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
+
+    def batch_length(self, i: int) -> int:
+        """Images in global batch ``i`` (all ranks together): the last one may be short."""
+        return min(self.batch_size, len(self.labels) - i * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, device = len(self.labels), self.images.device
@@ -342,10 +355,21 @@ class Loader:
         order = torch.randperm(n, generator=self.generator).to(device) if self.shuffle else None
         draws = (torch.rand(n, 4, generator=self.generator).to(device) * 2 - 1
                  if self.augment else None)
+        rank, world = self.shard
         for start in range(0, n, self.batch_size):
             stop = start + self.batch_size
+            if world > 1:  # this rank's part of the global batch
+                start, stop = split_bounds(start, min(stop, n), rank, world)
             index = slice(start, stop) if order is None else order[start:stop]
             x = self.images[index].unsqueeze(1).float().div_(255)
             if draws is not None:
                 x = affine(x, draws[start:stop])
             yield x.sub_(self.mean).div_(self.std), self.labels[index]
+
+
+def split_bounds(start: int, stop: int, rank: int, world: int) -> tuple[int, int]:
+    """The ``rank``-th of ``world`` contiguous parts of ``range(start, stop)``, cut as
+    ``torch.tensor_split`` cuts: the first ``(stop - start) % world`` parts one longer."""
+    size, extra = divmod(stop - start, world)
+    lo = start + rank * size + min(rank, extra)
+    return lo, lo + size + (rank < extra)

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import load_training_state, save_training_state
 from .data import Data, Loader, load_data, make_loaders
 from .model import ARCHITECTURE, Net
@@ -43,6 +46,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("ln", "layer", "Layer Norm"),
     Variant("gn", "group", "Group Norm"),
     Variant("bn", "batch", "Batch Norm"),
+    Variant("sbn", "syncbatch", "Synchronized Batch Norm"),
     Variant("in", "instance", "Instance Norm"),
     Variant("none", "none", "No norm"),
 )}
@@ -141,8 +145,14 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
 
     The reported loss is the NLL alone, so variants with and without L1 stay comparable.
     ``precision="bf16"`` runs the forward pass under bfloat16 autocast.
+
+    Data-parallel (``model`` a ``DistributedDataParallel``, ``loader`` sharded): each rank's
+    loss is weighted by its share of the global batch, so DDP's gradient average is the
+    global batch's mean gradient even when the last batch splits unevenly; the returned
+    loss and accuracy are over all ranks' images.
     """
     model.train()
+    world = loader.shard[1]
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
@@ -152,6 +162,8 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
         loss, data_loss, output = objective(model, x, y, lambda_l1, precision)
+        if world > 1:
+            loss = loss * (world * len(y) / loader.batch_length(batch - 1))
         loss.backward()
         optimizer.step()
         if scheduler is not None:
@@ -163,28 +175,44 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
         total_loss += data_loss.detach() * len(y)
         correct += (output.argmax(1) == y).sum()
         seen += len(y)
-    if first_bad.item() >= 0:
+    if world > 1:
+        total_loss, correct, seen = distributed.sum_over_ranks(total_loss, correct,
+                                                               torch.tensor(seen))
+        first_bad = distributed.first_over_ranks(first_bad)
+    if int(first_bad) >= 0:
         raise FloatingPointError(f"loss became non-finite (NaN or inf) at batch "
-                                 f"{first_bad.item()} of {len(loader)}")
-    return total_loss.item() / seen, 100.0 * correct.item() / seen
+                                 f"{int(first_bad)} of {len(loader)}")
+    return total_loss.item() / int(seen), 100.0 * correct.item() / int(seen)
 
 
 @torch.inference_mode()
 def test(model: nn.Module, device: torch.device, loader: Loader, precision: str = "fp32"
          ) -> tuple[float, float]:
-    """(mean NLL, accuracy %) of ``model`` over ``loader``, in eval mode."""
+    """(mean NLL, accuracy %) of ``model`` over ``loader``, in eval mode.
+
+    Under ``torch.distributed`` every rank must call it: rank r evaluates batches r, r + K,
+    ..., and the per-batch sums are added up in batch order on every rank, so the numbers
+    are exactly a single process's.
+    """
     model.eval()
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    for x, y in loader:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batch_loss = torch.zeros(len(loader), device=device)
+    batch_correct = torch.zeros(len(loader), device=device, dtype=torch.long)
+    for i, (x, y) in enumerate(loader):
+        if i % world != rank:
+            continue
         x, y = x.to(device), y.to(device)
         with autocast(device, precision):
             output = model(x).float()
-        total_loss += F.nll_loss(output, y, reduction="sum")
-        correct += (output.argmax(1) == y).sum()
-        seen += len(y)
-    return total_loss.item() / seen, 100.0 * correct.item() / seen
+        batch_loss[i] = F.nll_loss(output, y, reduction="sum")
+        batch_correct[i] = (output.argmax(1) == y).sum()
+    if world > 1:  # every batch was evaluated by exactly one rank: the sum adds zeros only
+        batch_loss, batch_correct = distributed.sum_over_ranks(batch_loss, batch_correct)
+    total_loss = torch.zeros((), device=device)
+    for value in batch_loss:  # in batch order, as one process accumulates
+        total_loss += value
+    seen = len(loader.labels)
+    return total_loss.item() / seen, 100.0 * batch_correct.sum().item() / seen
 
 
 @dataclass
@@ -252,6 +280,7 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
                 checkpoint: str | Path | None = None,
                 precision: str = DEFAULTS["precision"],
                 architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE,
+                virtual_batch_size: int | None = None,
                 ) -> tuple[Net, History]:
     """Train one model from scratch; returns it with per-epoch losses, accuracies and times.
 
@@ -266,6 +295,14 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     With ``checkpoint``, the full training state (model, optimiser, schedule, RNG states,
     history) is saved there atomically after every epoch, and an existing checkpoint is
     resumed from: the result is identical to an uninterrupted run with the same seed.
+
+    ``virtual_batch_size=B``: Batch Norm computes its training statistics over each B images
+    of a batch, as batch/B devices would (``norms.BatchNorm2d``).
+
+    Under ``torch.distributed`` (torchrun), every rank calls this with the same arguments:
+    ``batch_size`` stays the global batch, each rank trains on its part of it with
+    ``DistributedDataParallel``, only rank 0 writes the checkpoint, and every rank returns
+    the same model and history.
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
@@ -273,44 +310,99 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
         raise ValueError(f"the L1 weight must be >= 0, got {lambda_l1}")
     device = device if isinstance(device, torch.device) else select_device(device)
     precision = resolve_precision(precision, device)
-    torch.manual_seed(seed)
-    model = Net(norm, num_groups=num_groups, dropout=dropout, architecture=architecture).to(device)
     if data is None:
         data = load_data(data_dir, limit_train=limit_train)
-    train_loader, test_loader = make_loaders(data, batch_size, seed, device)
-    optimizer, scheduler = make_optimizer(model, lr, epochs, len(train_loader), momentum,
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    parts = check_split(len(data.train_labels), batch_size, world, virtual_batch_size)
+    torch.manual_seed(seed)
+    net = Net(norm, num_groups=num_groups, dropout=dropout, architecture=architecture,
+              virtual_batches=parts).to(device)
+    # Plain Batch Norm keeps per-device running statistics: no buffer broadcasts, an
+    # average once an epoch instead (distributed.average_running_stats).
+    model = net if world == 1 else DistributedDataParallel(
+        net, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    train_loader, test_loader = make_loaders(data, batch_size, seed, device,
+                                             shard=(rank, world))
+    optimizer, scheduler = make_optimizer(net, lr, epochs, len(train_loader), momentum,
                                           weight_decay)
     history: History = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc",
                                         "lr", "epoch_time")}
     name = name or norm
-    # Everything that must match for a checkpoint to be continued by this call.
+    # Everything that must match for a checkpoint to be continued by this call (world size
+    # and virtual batches change Batch Norm's statistics; named only when not the default,
+    # so checkpoints of earlier versions still resume).
     config = dict(norm=norm, num_groups=num_groups, dropout=dropout, lambda_l1=lambda_l1,
-                  architecture=[list(layer) for layer in model.architecture],
+                  architecture=[list(layer) for layer in net.architecture],
                   epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, momentum=momentum,
                   weight_decay=weight_decay, precision=precision,
                   train_images=len(train_loader.labels))
+    config.update({k: v for k, v in (("world_size", world), ("virtual_batch_size",
+                                     virtual_batch_size)) if v not in (None, 1)})
     done = 0
-    if checkpoint is not None and Path(checkpoint).exists():
-        done, history = load_training_state(checkpoint, config, model, optimizer, scheduler,
-                                            train_loader.generator)
+    state = _read_checkpoint(checkpoint, rank, world)
+    if state is not None:
+        done, history = load_training_state(checkpoint, config, net, optimizer, scheduler,
+                                            train_loader.generator, state)
     for epoch in range(done + 1, epochs + 1):
         start = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
         try:
             train_loss, train_acc = train(model, device, train_loader, optimizer, lambda_l1,
                                           scheduler, desc=f"{name} {epoch}/{epochs}",
-                                          progress=progress, precision=precision)
+                                          progress=progress and rank == 0, precision=precision)
         except FloatingPointError as exc:
             raise TrainingDiverged(f"{name}: {exc} in epoch {epoch}; try a lower --lr"
                                    f"{' or --l1' if lambda_l1 else ''}") from None
-        test_loss, test_acc = test(model, device, test_loader, precision)
+        if world > 1:
+            distributed.average_running_stats(net)
+        test_loss, test_acc = test(net, device, test_loader, precision)
         row = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
                    test_acc=test_acc, lr=lr_now, epoch_time=time.perf_counter() - start)
         for key, value in row.items():
             history[key].append(value)
-        if checkpoint is not None:
-            save_training_state(checkpoint, config, epoch, model, optimizer, scheduler,
+        if checkpoint is not None and rank == 0:
+            save_training_state(checkpoint, config, epoch, net, optimizer, scheduler,
                                 train_loader.generator, history)
         if on_epoch is not None:
             on_epoch(epoch, row)
-    return model, history
+    return net, history
+
+
+def check_split(train_images: int, batch_size: int, world: int = 1,
+                virtual_batch_size: int | None = None) -> int:
+    """Check that every batch can be cut into ``world`` device parts and each part into
+    virtual batches; return how many virtual batches each process's batch holds (1: none).
+
+    The global batch must be a multiple of the world size, so that K processes train on
+    exactly the batches one process would; every part of the last, short batch must hold an
+    image (an empty part has no statistics).
+    """
+    if batch_size % world:
+        raise ValueError(f"the global batch of {batch_size} images does not split over "
+                         f"{world} processes; choose a --batch-size that {world} divides")
+    per_process = batch_size // world
+    parts = 1
+    if virtual_batch_size is not None:
+        if virtual_batch_size <= 0 or per_process % virtual_batch_size:
+            where = f" per process ({batch_size} over {world})" if world > 1 else ""
+            raise ValueError(f"--virtual-batch-size {virtual_batch_size} does not divide the "
+                             f"batch of {per_process} images{where}; choose a divisor of "
+                             f"{per_process}")
+        parts = per_process // virtual_batch_size
+    last = train_images % batch_size
+    if last and last < world * parts:
+        raise ValueError(f"the last batch holds {last} of the {train_images:,} training "
+                         f"images, too few to give each of {world * parts} parts one; "
+                         f"change --limit-train or --batch-size")
+    return parts
+
+
+def _read_checkpoint(path: str | Path | None, rank: int, world: int) -> bytes | None:
+    """The checkpoint's bytes on every rank, or None without one: rank 0 reads the file
+    (only it writes files) and sends it to the others, who may be on other machines."""
+    if path is None:
+        return None
+    blob = Path(path).read_bytes() if rank == 0 and Path(path).exists() else None
+    if world > 1:
+        blob = distributed.broadcast_bytes(blob) or None
+    return blob

@@ -1,0 +1,632 @@
+"""The study runner: a list of training runs, executed one after another, N at a time in
+separate processes (``--jobs``), or each across K data-parallel processes (torchrun).
+
+``compare`` and ``sweep`` differ only in which runs they list and what they keep of each;
+everything else is shared here: the output folder and its lock, resuming, the record file
+rewritten after every finished run, checkpoints after every epoch, and which process may
+write (rank 0 under torchrun; the parent for ``--jobs``, whose workers write only their own
+run's weights, checkpoint and figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .checkpoint import CheckpointError, atomic_write, save_model, write_json
+from .data import Data, DataError, load_data, make_loaders
+from .distributed import Ranks
+from .engine import (
+    VARIANTS,
+    TrainingDiverged,
+    check_split,
+    misclassified,
+    resolve_precision,
+    select_device,
+    train_model,
+)
+from .model import Net, count_parameters
+from .plots import plot_curves, plot_misclassified, plot_sweep
+from .report import (
+    environment,
+    failed_runs,
+    final_accuracies,
+    good_runs,
+    render_report,
+    render_sweep_report,
+)
+from .stats import t_interval
+from .sweep import error_table, run_key, scaled_lr
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for, reported as one line with exit code 2."""
+
+
+def error_line(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for the failures normlab expects; None for a bug."""
+    if isinstance(exc, UsageError):
+        return 2, f"error: {exc}"
+    if isinstance(exc, DataError):
+        return 1, f"data error: {exc}"
+    if isinstance(exc, CheckpointError):
+        return 1, f"error: {exc}"
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return 1, f"error: cannot write{where} ({exc.strerror or exc}); finished work is kept"
+    return None
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# -- what one run is, and executing it (in this process, a --jobs worker, or on every rank)
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a variant from a seed at a batch size and peak learning rate."""
+
+    variant: str
+    seed: int
+    batch_size: int
+    lr: float
+    key: str  # the record's key and the stem of its checkpoint (and weights) file
+    label: str  # what the epoch lines call it
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs besides its data and device; picklable for --jobs workers."""
+
+    kind: str  # "compare" or "sweep"
+    out: Path
+    epochs: int
+    lambda_l1: float
+    num_groups: int
+    precision: str
+    virtual_batch_size: int | None
+    progress: bool
+    first_seed: int
+    writes: bool = True  # rank 0 (or a single process): writes weights and figures
+
+
+def checkpoint_of(out: Path, run: Run) -> Path:
+    return out / "checkpoints" / (run.key.replace("/", "_") + ".ckpt")
+
+
+def execute(run: Run, s: Settings, data: Data, device: torch.device) -> dict[str, Any]:
+    """Train ``run`` (resuming its checkpoint if any) and return its record; for a compare,
+    also write its weights and, for the first seed, its misclassified figure."""
+    variant = VARIANTS[run.variant]
+    lambda_l1 = s.lambda_l1 if variant.l1 else 0.0
+
+    def log(epoch: int, row: dict[str, float]) -> None:
+        if s.writes:
+            tqdm.write(f"  {run.label} epoch {epoch:2d}/{s.epochs}  lr {row['lr']:.4f}  "
+                       f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
+                       f"{data.eval_split} loss {row['test_loss']:.4f} "
+                       f"acc {row['test_acc']:6.2f}%  {row['epoch_time']:5.1f}s")
+
+    try:
+        model, history = train_model(
+            variant.norm, lambda_l1=lambda_l1, num_groups=s.num_groups, epochs=s.epochs,
+            seed=run.seed, batch_size=run.batch_size, lr=run.lr, device=device, data=data,
+            name=run.label, progress=s.progress, on_epoch=log if s.kind == "compare" else None,
+            checkpoint=checkpoint_of(s.out, run), precision=s.precision,
+            virtual_batch_size=s.virtual_batch_size if variant.norm == "batch" else None)
+    except TrainingDiverged as exc:
+        if s.writes:
+            print(f"normlab {s.kind}: error: {exc}; carrying on with the other runs",
+                  file=sys.stderr)
+        failed = {"seed": run.seed, "failed": str(exc)}
+        return failed if s.kind == "compare" else {**_sweep_fields(run, s, data), **failed,
+                                                   "wall_time_s": 0.0}
+    if s.kind == "sweep":
+        return {**_sweep_fields(run, s, data), "test_acc": history["test_acc"][-1],
+                "test_error": 100.0 - history["test_acc"][-1],
+                "test_loss": history["test_loss"][-1], "train_loss": history["train_loss"][-1],
+                "wall_time_s": sum(history["epoch_time"])}
+    record: dict[str, Any] = dict(seed=run.seed, wall_time_s=sum(history["epoch_time"]),
+                                  history=history)
+    if s.writes:
+        save_model(model, s.out / f"{run.key}.pt", variant=run.variant, seed=run.seed,
+                   test_acc=history["test_acc"][-1], eval_split=data.eval_split)
+        _, test_loader = make_loaders(data, run.batch_size, run.seed, device)
+        wrong = misclassified(model, device, test_loader, n=10)
+        if run.seed == s.first_seed:
+            plot_misclassified(wrong, f"{variant.label} ({run.variant}, seed {run.seed})",
+                               data.spec.classes, s.out / f"misclassified_{run.variant}.png",
+                               split=data.eval_split)
+        record["misclassified"] = dict(index=wrong.indices, predicted=wrong.predicted,
+                                       target=wrong.target, confidence=wrong.confidence)
+    return record
+
+
+def _sweep_fields(run: Run, s: Settings, data: Data) -> dict[str, Any]:
+    return dict(variant=run.variant, batch_size=run.batch_size, seed=run.seed, lr=run.lr,
+                steps=s.epochs * -(-len(data.train_labels) // run.batch_size))
+
+
+# -- --jobs: independent runs in worker processes
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(threads: int, data: Data, device: torch.device) -> None:
+    """A --jobs worker: its thread count, the shared data, and Ctrl-C ignored between runs
+    (a terminal's Ctrl-C reaches every process; a worker waiting for work has nothing to
+    save and must not die with a traceback)."""
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker.update(data=data, device=device)
+
+
+def _execute_in_worker(run: Run, s: Settings) -> dict[str, Any]:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # interruptible while training
+    try:
+        return execute(run, s, _worker["data"], _worker["device"])
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_parallel(runs: list[Run], s: Settings, data: Data, device: torch.device, jobs: int,
+                 threads: int, on_done: Callable[[Run, dict[str, Any]], None]) -> None:
+    """Execute ``runs`` ``jobs`` at a time in spawned processes of ``threads`` threads each;
+    ``on_done`` records each as it finishes. An interrupt or error stops the workers (each
+    keeps its last finished epoch's checkpoint) before it is re-raised."""
+    context = torch.multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                               initargs=(threads, data, device))
+    pending = {pool.submit(_execute_in_worker, run, replace(s, progress=False)): run
+               for run in runs}
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_done(pending.pop(future), future.result())
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        for child in multiprocessing.active_children():  # a busy worker saves and stops
+            os.kill(child.pid, signal.SIGINT)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- the output folder
+
+def prepare_out(out: Path | None, kind: str = "compare", record: str = "metrics.json") -> Path:
+    """Create the output folder (a fresh one under runs/ by default) and prove it writable."""
+    if out is None:
+        out = Path("runs") / datetime.now().strftime(f"%Y%m%d-%H%M%S-{kind}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if (out / record).exists():
+        raise UsageError(f"--out {out} already holds a run ({record}); continue it with "
+                         f"--resume {out}, or choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".normlab-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to --out {out} ({exc.strerror}); choose a writable "
+                         f"folder") from None
+    return out
+
+
+def open_resume(args: argparse.Namespace, record: str = "metrics.json") -> dict[str, Any]:
+    """Load ``record`` from the run folder ``args.resume`` and put its settings into ``args``.
+
+    A resumed run uses the run's own settings, not this command line's defaults.
+    """
+    out = args.resume
+    path = out / record
+    if not out.is_dir():
+        raise UsageError(f"--resume {out}: no such folder")
+    if not path.exists():
+        raise UsageError(f"--resume {out}: not a normlab {args.command} folder (no {record}); "
+                         f"start a new run with --out")
+    try:
+        results = json.loads(path.read_text())
+        config = results["config"]
+        for key in ("variants", "epochs", "lambda_l1", "num_groups", "dataset"):
+            config[key]  # noqa: B018 - presence check
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot resume "
+                         f"from it: start a new run with --out") from None
+    apply_config(args, config)
+    return results
+
+
+def apply_config(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    for key, value in config.items():
+        setattr(args, {"lambda_l1": "l1", "seed": "seeds"}.get(key, key),
+                [value] if key == "seed" else value)  # records before --seeds had one
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` so that two runs never write into one folder."""
+    try:
+        import fcntl
+    except ImportError:  # Windows has no fcntl: run without the lock
+        yield
+        return
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another normlab run is writing to {out}; wait for it to finish "
+                             f"or choose another --out") from None
+        yield
+
+
+# -- one study from start to finish, in whichever way it is parallel
+
+def build_models(variants: list[str], num_groups: int) -> dict[str, Net]:
+    """One untrained model per variant; raises UsageError for an impossible combination."""
+    try:
+        return {name: Net(VARIANTS[name].norm, num_groups=num_groups) for name in variants}
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _device_for(args: argparse.Namespace, ranks: Ranks) -> torch.device:
+    try:
+        device = select_device(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if ranks.distributed and device.type == "cuda":  # one GPU per local rank
+        if ranks.local_world_size > torch.cuda.device_count():
+            raise UsageError(f"{ranks.local_world_size} processes on this machine but "
+                             f"{torch.cuda.device_count()} GPU(s); use --nproc-per-node "
+                             f"{torch.cuda.device_count()} or --device cpu")
+        device = torch.device("cuda", ranks.local_rank)
+    elif ranks.distributed and device.type != "cpu":
+        raise UsageError(f"data-parallel runs use CPUs (gloo) or CUDA GPUs (nccl), not "
+                         f"{device.type}")
+    return device
+
+
+def _check_parallel(args: argparse.Namespace, ranks: Ranks) -> int:
+    """Refuse combinations that cannot work; return the torch threads per process."""
+    if args.jobs > 1 and ranks.distributed:
+        raise UsageError("--jobs runs independent runs in worker processes; under torchrun "
+                         "each run is already spread over the ranks: drop --jobs or torchrun")
+    if args.virtual_batch_size is not None and "sbn" in args.variants:
+        raise UsageError("sbn (synchronized Batch Norm) computes over the whole global batch; "
+                         "--virtual-batch-size does not combine with it")
+    if args.threads is not None:
+        return args.threads
+    return max(1, cores() // max(args.jobs, ranks.local_world_size))
+
+
+class Study:
+    """What differs between compare and sweep: which runs, and how a finished one is kept."""
+
+    kind = "compare"
+    record_name = "metrics.json"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    def runs(self) -> list[Run]:
+        a = self.args
+        several = len(a.seeds) > 1
+        return [Run(name, seed, a.batch_size, a.lr, f"{name}-seed{seed}",
+                    f"{name} seed {seed}" if several else name)
+                for seed in a.seeds for name in a.variants]
+
+    def load(self) -> Data:
+        a = self.args
+        return load_data(a.data_dir, a.dataset, a.limit_train, holdout=a.holdout)
+
+    def new_record(self, data: Data) -> dict[str, Any]:
+        a = self.args
+        return {"config": dict(variants=a.variants, epochs=a.epochs, seeds=a.seeds,
+                               batch_size=a.batch_size, lr=a.lr, lambda_l1=a.l1,
+                               num_groups=a.num_groups, dataset=a.dataset,
+                               limit_train=a.limit_train, holdout=a.holdout,
+                               eval_split=data.eval_split, precision=a.precision,
+                               train_images=len(data.train_labels),
+                               test_images=len(data.test_labels)),
+                "variants": {}, "wall_time_s": 0.0}
+
+    def finished(self, record: dict[str, Any], run: Run) -> bool:
+        runs = record["variants"].get(run.variant, {}).get("runs", [])
+        return any(r["seed"] == run.seed for r in runs)
+
+    def keep(self, record: dict[str, Any], run: Run, result: dict[str, Any]) -> None:
+        a, variant = self.args, VARIANTS[run.variant]
+        entry = record["variants"].setdefault(run.variant, dict(
+            label=variant.label, norm=variant.norm, lambda_l1=a.l1 if variant.l1 else 0.0,
+            params=count_parameters(Net(variant.norm, num_groups=a.num_groups)), runs=[]))
+        entry["runs"].append(result)
+        record["wall_time_s"] = sum(r.get("wall_time_s", 0.0) for v in
+                                    record["variants"].values() for r in v["runs"])
+
+    def announce(self, data: Data, device: torch.device, verb: str, out: Path) -> str:
+        a = self.args
+        seeds = f" x {len(a.seeds)} seeds" if len(a.seeds) > 1 else ""
+        return (f"normlab compare: {len(a.variants)} variants{seeds} x {a.epochs} epochs on "
+                f"{len(data.train_labels):,} {a.dataset} images, evaluated on the "
+                f"{data.eval_split} set, device {device}; {verb} {out}")
+
+    def finish(self, out: Path, record: dict[str, Any]) -> None:
+        finish(out, record)
+
+    def exit_code(self, record: dict[str, Any]) -> int:
+        return 1 if any(failed_runs(v) for v in record["variants"].values()) else 0
+
+
+class Sweep(Study):
+    kind = "sweep"
+    record_name = "sweep.json"
+
+    def runs(self) -> list[Run]:
+        a = self.args
+        return [Run(v, s, b, scaled_lr(a.lr, b), run_key(v, b, s), f"{v} bs={b}")
+                for s in a.seeds for v in a.variants for b in a.batch_sizes]
+
+    def load(self) -> Data:
+        return load_data(self.args.data_dir, self.args.dataset, self.args.samples)
+
+    def new_record(self, data: Data) -> dict[str, Any]:
+        a = self.args
+        return {"config": dict(variants=a.variants, batch_sizes=a.batch_sizes, seeds=a.seeds,
+                               samples=a.samples, epochs=a.epochs, lr=a.lr, lambda_l1=a.l1,
+                               num_groups=a.num_groups, dataset=a.dataset,
+                               precision=a.precision, train_images=len(data.train_labels),
+                               test_images=len(data.test_labels)),
+                "runs": {}}
+
+    def finished(self, record: dict[str, Any], run: Run) -> bool:
+        return run.key in record["runs"]
+
+    def keep(self, record: dict[str, Any], run: Run, result: dict[str, Any]) -> None:
+        record["runs"][run.key] = result
+
+    def announce(self, data: Data, device: torch.device, verb: str, out: Path) -> str:
+        a = self.args
+        total = len(a.variants) * len(a.batch_sizes) * len(a.seeds)
+        return (f"normlab sweep: {len(a.variants)} variants x {len(a.batch_sizes)} batch sizes "
+                f"x {len(a.seeds)} seed(s) = {total} runs of {a.epochs} epoch(s) on "
+                f"{len(data.train_labels):,} {a.dataset} images, device {device}; {verb} {out}")
+
+    def finish(self, out: Path, record: dict[str, Any]) -> None:
+        finish_sweep(out, record)
+
+    def exit_code(self, record: dict[str, Any]) -> int:
+        return 0
+
+
+def _outcome(study: Study, result: dict[str, Any]) -> str:
+    if "failed" in result:
+        return f"failed: {result['failed']}"
+    if study.kind == "sweep":
+        return (f"lr {result['lr']:.5f}  {result['steps']:6d} steps  test error "
+                f"{result['test_error']:5.2f}%  {result['wall_time_s']:5.1f}s")
+    return f"final {result['history']['test_acc'][-1]:.2f}%"
+
+
+def run_study(study: Study) -> int:
+    """Prepare (rank 0), load data (every rank), run what is not finished, write the report.
+
+    Under torchrun every rank runs this; only rank 0 touches the output folder, and a step
+    that fails on one rank makes every rank stop with that rank's one-line error.
+    """
+    args = study.args
+    try:
+        ranks = distributed.from_env()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    build_models(args.variants, args.num_groups)  # fail fast, before any data is read
+    threads = _check_parallel(args, ranks)
+    device = _device_for(args, ranks)
+    ranks = distributed.start(ranks, device)
+    try:
+        return _run_study(study, ranks, device, threads)
+    finally:
+        distributed.close()
+
+
+def _on_every_rank(ranks: Ranks, step: Callable[[], Any]) -> Any:
+    """Run ``step``; under torchrun, a failure on any rank stops every rank with it."""
+    try:
+        result = step()
+    except (UsageError, DataError, CheckpointError, ValueError) as exc:
+        failure = error_line(UsageError(str(exc)) if isinstance(exc, ValueError) else exc)
+        if ranks.distributed:
+            distributed.agree(failure)
+        if isinstance(exc, ValueError):
+            raise UsageError(str(exc)) from None
+        raise
+    if ranks.distributed:
+        distributed.agree(None)
+    return result
+
+
+def _run_study(study: Study, ranks: Ranks, device: torch.device, threads: int) -> int:
+    args = study.args
+    if args.jobs == 1:
+        torch.set_num_threads(threads)
+
+    with ExitStack() as stack:
+        return _run_in_folder(study, ranks, device, threads, stack)
+
+
+def _run_in_folder(study: Study, ranks: Ranks, device: torch.device, threads: int,
+                   stack: ExitStack) -> int:
+    args = study.args
+
+    def prepare() -> tuple[dict[str, Any] | None, Path]:
+        if not ranks.leader:
+            return None, Path(".")
+        record = open_resume(args, study.record_name) if args.resume else None
+        out = args.resume or prepare_out(args.out, study.kind, study.record_name)
+        stack.enter_context(run_lock(out))  # held until the study ends
+        return record, out
+
+    record, out = _on_every_rank(ranks, prepare)
+    if ranks.distributed:  # the others learn the run's settings and folder from rank 0
+        shared = json.loads(distributed.broadcast_bytes(
+            json.dumps({"record": record, "out": str(out)}).encode() if ranks.leader else None))
+        record, out = shared["record"], Path(shared["out"])
+        if record is not None:
+            apply_config(args, record["config"])
+    args.out = out  # named in the message if interrupted
+    data = _on_every_rank(ranks, lambda: _load_and_check(study, record, ranks))
+    args.precision = resolve_precision(args.precision, device)
+    if record is None:
+        record = {"command": shlex.join(["normlab", *args.argv]),
+                  "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                  **study.new_record(data)}
+        record["config"].update(world_size=ranks.world_size,
+                                virtual_batch_size=args.virtual_batch_size)
+    record["environment"] = record.get("environment") or environment(device)
+    record["parallel"] = dict(
+        world_size=ranks.world_size, nodes=ranks.nodes, backend=ranks.backend,
+        images_per_device=args.batch_size // ranks.world_size if study.kind == "compare"
+        else None, jobs=args.jobs, threads_per_process=threads)
+    if ranks.leader:
+        write_json(out / study.record_name, record)
+        (out / "checkpoints").mkdir(exist_ok=True)
+        print(study.announce(data, device, "resuming" if args.resume else "writing to",
+                             out) + _parallel_note(ranks, args.jobs, threads))
+    settings = Settings(study.kind, out, args.epochs, args.l1, args.num_groups,
+                        args.precision, args.virtual_batch_size, not args.no_progress,
+                        args.seeds[0], writes=ranks.leader)
+    runs = study.runs()
+    todo = [r for r in runs if not study.finished(record, r)]
+    count = {"done": len(runs) - len(todo)}
+
+    def on_done(run: Run, result: dict[str, Any]) -> None:
+        count["done"] += 1
+        if not ranks.leader:
+            return
+        study.keep(record, run, result)
+        write_json(out / study.record_name, record)  # finished runs survive what follows
+        checkpoint_of(out, run).unlink(missing_ok=True)
+        if args.jobs > 1 or study.kind == "sweep":
+            tqdm.write(f"[{count['done']}/{len(runs)}] {run.label} seed {run.seed}  "
+                       f"{_outcome(study, result)}")
+
+    if ranks.leader and study.kind == "compare":
+        for i, run in enumerate(runs, 1):
+            if run not in todo:
+                print(f"[{i}/{len(runs)}] {run.variant}: {VARIANTS[run.variant].label}, "
+                      f"seed {run.seed} - finished earlier, kept")
+    if args.jobs > 1:
+        run_parallel(todo, settings, data, device, args.jobs, threads, on_done)
+    else:
+        for run in todo:
+            if ranks.leader and study.kind == "compare":
+                print(f"[{runs.index(run) + 1}/{len(runs)}] {run.variant}: "
+                      f"{VARIANTS[run.variant].label}, seed {run.seed}")
+            on_done(run, execute(run, settings, data, device))
+    if ranks.leader:
+        if not any((out / "checkpoints").iterdir()):
+            (out / "checkpoints").rmdir()
+        study.finish(out, record)
+    return study.exit_code(record)
+
+
+def _parallel_note(ranks: Ranks, jobs: int, threads: int) -> str:
+    if ranks.distributed:
+        return (f"; {ranks.world_size} processes on {ranks.nodes} machine(s) ({ranks.backend}), "
+                f"{threads} thread(s) each")
+    if jobs > 1:
+        return f"; {jobs} runs at a time, {threads} thread(s) each"
+    return ""
+
+
+def _load_and_check(study: Study, record: dict[str, Any] | None, ranks: Ranks) -> Data:
+    """Read the data on this rank, and check that the run can be split as asked."""
+    args = study.args
+    recorded = (record or {}).get("config", {}).get("world_size", 1)
+    if record is not None and recorded != ranks.world_size:
+        launch = (f"torchrun --nproc-per-node {recorded} -m normlab" if recorded > 1
+                  else "normlab")
+        raise UsageError(f"{args.out} was run by {recorded} process(es), this is "
+                         f"{ranks.world_size}; resume it the same way: {launch} "
+                         f"{study.kind} --resume {args.out}")
+    data = study.load()
+    sizes = [r.batch_size for r in study.runs()]
+    for batch in sorted(set(sizes)):
+        check_split(len(data.train_labels), batch, ranks.world_size,
+                    args.virtual_batch_size if any(VARIANTS[v].norm == "batch"
+                                                   for v in args.variants) else None)
+    return data
+
+
+# -- figures and reports, from the record alone (also `normlab report`)
+
+def finish_sweep(out: Path, results: dict[str, Any]) -> None:
+    """sweep.png, report.md and the error table, from sweep.json's contents."""
+    errors = {f"{VARIANTS[v].label} ({v})": by_batch
+              for v, by_batch in error_table(results).items()}
+    cfg = results["config"]
+    seeds = f"; mean of {len(cfg['seeds'])} seeds, band min–max" if len(cfg["seeds"]) > 1 else ""
+    plot_sweep(errors, f"Test error vs batch size on {cfg['dataset']}, "
+               f"{cfg['train_images']:,} images per run{seeds}", out / "sweep.png")
+    report = render_sweep_report(results, errors)
+    atomic_write(out / "report.md", report)
+    print("\n".join(line for line in report.splitlines() if line.startswith("|")))
+    print(f"\nreport: {out / 'report.md'}")
+
+
+def finish(out: Path, metrics: dict[str, Any]) -> None:
+    """The curves figure, report.md and a summary table, from metrics.json's contents."""
+    split = metrics["config"].get("eval_split", "test")
+    plot_curves({f"{v['label']} ({name})": [r["history"] for r in good_runs(v)]
+                 for name, v in metrics["variants"].items() if good_runs(v)},
+                out / "curves.png", split=split)
+    atomic_write(out / "report.md", render_report(metrics))
+    accs = final_accuracies(metrics)
+    print(f"\n{'variant':8s} {'params':>7s} {'seeds':>5s} {'final ' + split + ' acc':>19s} "
+          f"{'95% CI':>15s}")
+    for name, v in metrics["variants"].items():
+        if name not in accs:
+            print(f"{name:8s} {v['params']:7,d} {0:5d} {'failed':>19s}")
+            continue
+        iv = t_interval(list(accs[name].values()))
+        ci = f"{iv.low:.2f}–{iv.high:.2f}%" if iv.n > 1 else "–"
+        print(f"{name:8s} {v['params']:7,d} {iv.n:5d} {iv.mean:18.2f}% {ci:>15s}")
+    print(f"\nreport: {out / 'report.md'}  ({metrics['wall_time_s']:.0f} s of training)")
+
+
+def redraw(run: Path) -> None:
+    """Figures and report.md are pure functions of the run's JSON record: redraw them."""
+    record = next((run / n for n in ("metrics.json", "sweep.json") if (run / n).exists()), None)
+    if record is None:
+        raise UsageError(f"{run}: no metrics.json or sweep.json; give a compare or sweep "
+                         f"output folder")
+    try:
+        results = json.loads(record.read_text())
+        (finish_sweep if record.name == "sweep.json" else finish)(run, results)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{record} is corrupt ({type(exc).__name__}: {exc}); cannot draw "
+                         f"a report from it") from None
