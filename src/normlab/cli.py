@@ -16,8 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 from . import distributed, explain
 from .data import DATASETS
 from .engine import DEFAULTS, PRECISIONS, STUDY_VARIANTS, VARIANTS
@@ -188,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except distributed.RankFailed as exc:
         parser.exit(exc.exit_code, f"{me}stopped: rank {exc.rank} failed with {exc.line}\n")
-    except (distributed.Stopped, dist.DistError) as exc:
-        if not ranks.distributed:
+    except (distributed.Stopped, RuntimeError) as exc:
+        if not (ranks.distributed and distributed.is_comm_failure(exc)):
             raise
         lost = distributed.lost_ranks(ranks)
         who = (f"rank {', '.join(map(str, lost))} stopped or lost contact" if lost else

@@ -361,7 +361,7 @@ class Loader:
             if world > 1:  # this rank's part of the global batch
                 start, stop = split_bounds(start, min(stop, n), rank, world)
             index = slice(start, stop) if order is None else order[start:stop]
-            x = self.images[index].unsqueeze(1).float().div_(255)
+            x = self.images[index].unsqueeze(1).to(torch.get_default_dtype()).div_(255)
             if draws is not None:
                 x = affine(x, draws[start:stop])
             yield x.sub_(self.mean).div_(self.std), self.labels[index]

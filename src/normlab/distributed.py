@@ -188,11 +188,23 @@ def average_running_stats(model: nn.Module) -> None:
         start += b.numel()
 
 
+def is_comm_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because a peer died, hung or vanished
+    (gloo raises these as plain RuntimeErrors)."""
+    if isinstance(exc, dist.DistError | Stopped):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("gloo", "Connection closed", "Connection reset", "NCCL", "timed out",
+                            "Timed out", "Socket Timeout"))
+
+
 def lost_ranks(ranks: Ranks, wait_s: float = 3.0) -> list[int] | None:
     """After a collective failed: which ranks are gone? Each survivor marks itself in the
     launcher's key-value store (torchrun's agent hosts it, so it outlives a dead rank) and
     waits ``wait_s`` for the others; the ranks never marked are the lost ones. None when
     the store cannot be reached (e.g. its host was the lost machine)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's stop must not cut this
     try:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                               is_master=False, timeout=timedelta(seconds=wait_s))

@@ -7,6 +7,7 @@ schedule together for one variant and one seed.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,13 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bfloat16 outputs of autocast back to float32; float32 and float64 as they are (with
+    ``torch.set_default_dtype(torch.float64)`` everything trains in double precision, which
+    the multi-process tests use as an exact oracle)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def l1_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of |w| over convolution and linear *weights* (not biases, not norm scale/shift).
 
@@ -130,7 +138,7 @@ def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambda_l1: flo
     """(loss to minimise, data loss, log-probabilities): NLL + lambda_l1 * sum |w|."""
     with autocast(x.device, precision):
         output = model(x)
-    output = output.float()
+    output = at_least_fp32(output)
     data_loss = F.nll_loss(output, y)
     loss = data_loss + lambda_l1 * l1_penalty(model) if lambda_l1 else data_loss
     return loss, data_loss, output
@@ -203,7 +211,7 @@ def test(model: nn.Module, device: torch.device, loader: Loader, precision: str 
             continue
         x, y = x.to(device), y.to(device)
         with autocast(device, precision):
-            output = model(x).float()
+            output = at_least_fp32(model(x))
         batch_loss[i] = F.nll_loss(output, y, reduction="sum")
         batch_correct[i] = (output.argmax(1) == y).sum()
     if world > 1:  # every batch was evaluated by exactly one rank: the sum adds zeros only
@@ -317,10 +325,10 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     torch.manual_seed(seed)
     net = Net(norm, num_groups=num_groups, dropout=dropout, architecture=architecture,
               virtual_batches=parts).to(device)
-    # Plain Batch Norm keeps per-device running statistics: no buffer broadcasts, an
-    # average once an epoch instead (distributed.average_running_stats).
+    # Plain Batch Norm keeps per-device running statistics: no buffer broadcasts each step,
+    # an average once an epoch instead (distributed.average_running_stats).
     model = net if world == 1 else DistributedDataParallel(
-        net, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+        net, device_ids=[device] if device.type == "cuda" else None, **_NO_BUFFER_SYNC)
     train_loader, test_loader = make_loaders(data, batch_size, seed, device,
                                              shard=(rank, world))
     optimizer, scheduler = make_optimizer(net, lr, epochs, len(train_loader), momentum,
@@ -366,6 +374,13 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
         if on_epoch is not None:
             on_epoch(epoch, row)
     return net, history
+
+
+# DDP must not copy rank 0's buffers to the others every step. torch >= 2.13 spells this
+# forward_sync_buffers (buffers are then synced once, at construction, where ours agree).
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def check_split(train_images: int, batch_size: int, world: int = 1,

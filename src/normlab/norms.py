@@ -27,7 +27,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is again the sum over ranks: every rank's loss depends
+    on the shared statistics, so each rank's input gradient must collect every rank's terms
+    (what ``torch.distributed.nn.functional.all_reduce`` did before its deprecation)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -67,7 +85,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D")
         # Statistics in float32 also under bfloat16 autocast, as PyTorch's kernels keep them.
-        y = self._sync_forward(x.float()) if self.sync else self._virtual_forward(x.float())
+        full = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = self._sync_forward(full) if self.sync else self._virtual_forward(full)
         return y.to(x.dtype)
 
     def _virtual_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,11 +126,11 @@ class BatchNorm2d(nn.BatchNorm2d):
         backward sees every rank's contribution; ranks with unequal batches weigh exactly."""
         group = self.process_group or dist.group.WORLD
         count = x.new_tensor([x.numel() / x.shape[1]])
-        totals = all_reduce(torch.cat([x.sum((0, 2, 3)), count]), group=group)
+        totals = _SumOverRanks.apply(torch.cat([x.sum((0, 2, 3)), count]), group)
         n = totals[-1]
         mean = totals[:-1] / n
         centred = x - mean[None, :, None, None]
-        var = all_reduce(centred.square().sum((0, 2, 3)), group=group) / n
+        var = _SumOverRanks.apply(centred.square().sum((0, 2, 3)), group) / n
         y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]

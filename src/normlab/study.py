@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -59,13 +60,17 @@ class UsageError(Exception):
     """A problem with what the user asked for, reported as one line with exit code 2."""
 
 
+class WorkerDied(Exception):
+    """A --jobs worker process ended without finishing its run."""
+
+
 def error_line(exc: BaseException) -> tuple[int, str] | None:
     """(exit code, one line) for the failures normlab expects; None for a bug."""
     if isinstance(exc, UsageError):
         return 2, f"error: {exc}"
     if isinstance(exc, DataError):
         return 1, f"data error: {exc}"
-    if isinstance(exc, CheckpointError):
+    if isinstance(exc, CheckpointError | WorkerDied):
         return 1, f"error: {exc}"
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
@@ -204,7 +209,12 @@ def run_parallel(runs: list[Run], s: Settings, data: Data, device: torch.device,
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                on_done(pending.pop(future), future.result())
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise WorkerDied("a --jobs worker process died (killed, or out of "
+                                     "memory); finished runs and epochs are saved") from None
+                on_done(pending.pop(future), result)
     except BaseException:
         for future in pending:
             future.cancel()
@@ -365,6 +375,10 @@ class Study:
             label=variant.label, norm=variant.norm, lambda_l1=a.l1 if variant.l1 else 0.0,
             params=count_parameters(Net(variant.norm, num_groups=a.num_groups)), runs=[]))
         entry["runs"].append(result)
+        # --jobs finishes runs in any order; the record keeps the command line's order.
+        entry["runs"].sort(key=lambda r: a.seeds.index(r["seed"]))
+        record["variants"] = {v: record["variants"][v] for v in a.variants
+                              if v in record["variants"]}
         record["wall_time_s"] = sum(r.get("wall_time_s", 0.0) for v in
                                     record["variants"].values() for r in v["runs"])
 
@@ -506,7 +520,9 @@ def _run_in_folder(study: Study, ranks: Ranks, device: torch.device, threads: in
                   **study.new_record(data)}
         record["config"].update(world_size=ranks.world_size,
                                 virtual_batch_size=args.virtual_batch_size)
-    record["environment"] = record.get("environment") or environment(device)
+    if "environment" not in record:
+        record["environment"] = environment(device)
+        record["environment"]["torch_threads"] = threads  # what each run trained with
     record["parallel"] = dict(
         world_size=ranks.world_size, nodes=ranks.nodes, backend=ranks.backend,
         images_per_device=args.batch_size // ranks.world_size if study.kind == "compare"
