@@ -33,13 +33,29 @@ def synthetic_digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return images, labels
 
 
+def noisy_digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class k is a soft blob at a class-specific spot on dense noise: no flat or saturated
+    regions, so no exact ties in max-pooling and few activations at ReLU's kink. Training on
+    them is a smooth function of the arithmetic, which the multi-process oracles need (a
+    rounding difference that flips a tie changes a gradient by its full size)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    centres = torch.tensor([[6 + 8 * (k // 4), 5 + 6 * (k % 4)] for k in range(10)]).float()
+    c = centres[labels]
+    blob = torch.exp(-((yy - c[:, 0, None, None]) ** 2 + (xx - c[:, 1, None, None]) ** 2) / 8)
+    images = 30 + 150 * blob + 60 * torch.rand(n, 28, 28, generator=g)
+    return images.round().to(torch.uint8), labels
+
+
 def write_dataset(folder: Path, n_train: int = 256, n_test: int = 128, gz: bool = True,
-                  name: str = "tiny", mirrors: tuple[str, ...] = ()) -> DatasetSpec:
+                  name: str = "tiny", mirrors: tuple[str, ...] = (), noisy: bool = False
+                  ) -> DatasetSpec:
     """Write four IDX files into ``folder`` and return a spec whose checksums match them."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
-        images, labels = synthetic_digits(n, seed)
+        images, labels = (noisy_digits if noisy else synthetic_digits)(n, seed)
         for kind, tensor, magic in (("images", images, IMAGE_MAGIC),
                                     ("labels", labels, LABEL_MAGIC)):
             fname = f"{split}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"

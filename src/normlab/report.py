@@ -132,6 +132,20 @@ def _pair_rows(metrics: dict[str, Any]) -> list[str]:
     return rows if len(rows) > 2 else []
 
 
+def parallel_line(record: dict[str, Any]) -> str:
+    """How the runs were spread over processes (older records: one process)."""
+    p = record.get("parallel") or {}
+    threads = p.get("threads_per_process", record["environment"].get("torch_threads"))
+    if p.get("world_size", 1) > 1:
+        per_device = (f", {p['images_per_device']} images per device"
+                      if p.get("images_per_device") else "")
+        return (f"data-parallel over {p['world_size']} processes on {p['nodes']} machine(s) "
+                f"({p['backend']}){per_device}, {threads} thread(s) each")
+    if p.get("jobs", 1) > 1:
+        return f"{p['jobs']} runs at a time in separate processes, {threads} thread(s) each"
+    return f"one process, {threads} thread(s)"
+
+
 def render_report(metrics: dict[str, Any]) -> str:
     """The markdown text of report.md for a finished (or partly finished) comparison."""
     cfg, env = metrics["config"], metrics["environment"]
@@ -146,7 +160,10 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
         f"{cfg['epochs']} epochs per variant on {cfg['dataset']} "
         f"({cfg['train_images']:,} training images, {evaluated}), batch {cfg['batch_size']}, "
-        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}.",
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}."
+        + (f" Batch Norm computes its training statistics over each "
+           f"{cfg['virtual_batch_size']} images (--virtual-batch-size)."
+           if cfg.get("virtual_batch_size") else ""),
         "",
         *_summary_rows(metrics, split),
         "",
@@ -198,6 +215,7 @@ def render_report(metrics: dict[str, Any]) -> str:
         f"- git revision: `{env['git_revision']}`",
         f"- machine: {env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch "
         f"threads), device `{env['device']}`{', ' + env['gpu'] if 'gpu' in env else ''}",
+        f"- parallelism: {parallel_line(metrics)}",
         f"- versions: normlab {env['normlab']}, Python {env['python']}, torch {env['torch']}, "
         f"numpy {env['numpy']} on {env['platform']}",
         f"- started {metrics['started']}, total wall time {metrics.get('wall_time_s', 0):.0f} s",
@@ -250,6 +268,7 @@ def render_sweep_report(results: dict[str, Any], errors: dict[str, dict[int, lis
         f"- git revision: `{env['git_revision']}`",
         f"- machine: {env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch "
         f"threads), device `{env['device']}`",
+        f"- parallelism: {parallel_line(results)}",
         f"- versions: normlab {env['normlab']}, Python {env['python']}, torch {env['torch']}",
         f"- total training time {sum(r['wall_time_s'] for r in results['runs'].values()):.0f} s",
         "",

@@ -321,8 +321,9 @@ def _device_for(args: argparse.Namespace, ranks: Ranks) -> torch.device:
     return device
 
 
-def _check_parallel(args: argparse.Namespace, ranks: Ranks) -> int:
-    """Refuse combinations that cannot work; return the torch threads per process."""
+def _check_parallel(args: argparse.Namespace, ranks: Ranks) -> int | None:
+    """Refuse combinations that cannot work; return the torch threads per process (None:
+    one plain process keeps torch's default, which OMP_NUM_THREADS sets)."""
     if args.jobs > 1 and ranks.distributed:
         raise UsageError("--jobs runs independent runs in worker processes; under torchrun "
                          "each run is already spread over the ranks: drop --jobs or torchrun")
@@ -331,6 +332,8 @@ def _check_parallel(args: argparse.Namespace, ranks: Ranks) -> int:
                          "--virtual-batch-size does not combine with it")
     if args.threads is not None:
         return args.threads
+    if args.jobs == 1 and not ranks.distributed:
+        return None
     return max(1, cores() // max(args.jobs, ranks.local_world_size))
 
 
@@ -483,10 +486,12 @@ def _on_every_rank(ranks: Ranks, step: Callable[[], Any]) -> Any:
     return result
 
 
-def _run_study(study: Study, ranks: Ranks, device: torch.device, threads: int) -> int:
+def _run_study(study: Study, ranks: Ranks, device: torch.device, threads: int | None
+               ) -> int:
     args = study.args
-    if args.jobs == 1:
+    if args.jobs == 1 and threads is not None:
         torch.set_num_threads(threads)
+    threads = threads or torch.get_num_threads()
 
     with ExitStack() as stack:
         return _run_in_folder(study, ranks, device, threads, stack)

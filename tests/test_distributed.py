@@ -1,0 +1,405 @@
+"""Data parallelism against its oracles: synchronized and virtual-batch Batch Norm against
+``nn.BatchNorm2d``, K-process runs against one-process runs, and what happens when a rank
+fails. Multi-process runs use gloo on 127.0.0.1, two processes, each bounded in time.
+
+Oracle tolerances: the layer tests run in float32 against PyTorch's own Batch Norm (1e-5
+relative and absolute); the training-run comparisons run in float64 (the driver sets the
+default dtype), where one process and two agree to 1e-9 after 32 SGD steps while plain
+Batch Norm over two devices differs from one process by more than 1e-2. In float32 a
+rounding difference can flip a ReLU or max-pool tie and then grow, so float32 runs are
+compared only with float32 runs of the same arithmetic (resume, --jobs: bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import cli_error
+from normlab import distributed
+from normlab.checkpoint import load_model
+from normlab.norms import BatchNorm2d, make_norm
+
+TESTS = Path(__file__).resolve().parent
+DRIVER = TESTS / "dist_driver.py"
+TIMEOUT = 120  # seconds any launched run may take before the test fails it
+CLOSE = dict(rtol=1e-5, atol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the layers, against nn.BatchNorm2d -------------------------------------------------
+
+def _sync_rank(rank: int, world: int, port: int, sizes: list[int], momentum: float | None
+               ) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(sum(sizes), 5, 6, 6) * 3 + 1
+        upstream = torch.randn_like(x)
+        oracle = nn.BatchNorm2d(5, momentum=momentum)
+        oracle.weight.data.uniform_(0.5, 1.5)
+        oracle.bias.data.uniform_(-1, 1)
+        layer = BatchNorm2d(5, momentum=momentum, sync=True)
+        layer.load_state_dict(oracle.state_dict())
+        lo = sum(sizes[:rank])
+        part = slice(lo, lo + sizes[rank])
+        for _ in range(2):  # two steps: running statistics are checked after two updates
+            xo = x.clone().requires_grad_()
+            yo = oracle(xo)
+            (yo * upstream).sum().backward()
+            xl = x[part].clone().requires_grad_()
+            y = layer(xl)
+            (y * upstream[part]).sum().backward()
+            torch.testing.assert_close(y, yo[part], **CLOSE)
+            torch.testing.assert_close(xl.grad, xo.grad[part], **CLOSE)
+            for name in ("weight", "bias"):  # each rank holds its own images' share
+                grad = getattr(layer, name).grad.clone()
+                dist.all_reduce(grad)
+                torch.testing.assert_close(grad, getattr(oracle, name).grad, **CLOSE)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                torch.testing.assert_close(getattr(layer, name), getattr(oracle, name),
+                                           **CLOSE)
+            layer.zero_grad()
+            oracle.zero_grad()
+            x = x * 0.5 + 2
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, *args, world: int = 2) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` processes; fail after TIMEOUT."""
+    context = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, "ranks did not finish in time"
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.mark.parametrize("sizes, momentum", [([6, 6], 0.1), ([7, 2], 0.1), ([5, 3], None)])
+def test_sync_batchnorm_over_two_ranks_equals_batchnorm_over_the_whole_batch(sizes, momentum):
+    """Outputs, input gradients, weight/bias gradients and running statistics, also with
+    unequal per-rank batches and with momentum=None (cumulative average)."""
+    spawn(_sync_rank, sizes, momentum)
+
+
+@pytest.mark.parametrize("n, parts", [(128, 2), (96, 4), (7, 2), (9, 4)])
+def test_virtual_batches_equal_batchnorm_on_each_part(n, parts):
+    """Each part normalised exactly as nn.BatchNorm2d would normalise it alone; the running
+    statistics are the mean of the parts' (what averaging K devices' gives)."""
+    torch.manual_seed(1)
+    x = (torch.randn(n, 5, 6, 6) * 3 + 1).requires_grad_()
+    upstream = torch.randn_like(x)
+    layer = BatchNorm2d(5, virtual_batches=parts)
+    layer.weight.data.uniform_(0.5, 1.5)
+    oracles = [nn.BatchNorm2d(5) for _ in range(parts)]
+    xo = x.detach().clone().requires_grad_()
+    outputs = []
+    for oracle, part in zip(oracles, xo.tensor_split(parts), strict=True):
+        oracle.load_state_dict(layer.state_dict())
+        outputs.append(oracle(part))
+    (layer(x) * upstream).sum().backward()
+    (torch.cat(outputs) * upstream).sum().backward()
+    torch.testing.assert_close(layer(x.detach()), torch.cat(outputs).detach(), **CLOSE)
+    torch.testing.assert_close(x.grad, xo.grad, **CLOSE)
+    torch.testing.assert_close(layer.weight.grad, sum(o.weight.grad for o in oracles), **CLOSE)
+    # the layer ran twice (above, and in the check): two updates for each oracle too
+    for oracle, part in zip(oracles, xo.detach().tensor_split(parts), strict=True):
+        oracle(part)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(layer, name),
+                                   torch.stack([getattr(o, name) for o in oracles]).mean(0),
+                                   **CLOSE)
+
+
+def test_one_process_sync_and_virtual_layers_are_plain_batchnorm_with_its_state_dict():
+    torch.manual_seed(2)
+    x = torch.randn(16, 4, 5, 5)
+    plain, synced = nn.BatchNorm2d(4), make_norm("syncbatch", 4)
+    assert isinstance(synced, nn.BatchNorm2d)
+    assert synced.state_dict().keys() == plain.state_dict().keys()
+    synced.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(synced(x), plain(x), rtol=0, atol=0)  # one process: is BN
+    torch.testing.assert_close(synced.running_var, plain.running_var, rtol=0, atol=0)
+    ghost = make_norm("batch", 4, virtual_batches=2).eval()
+    ghost.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(ghost(x), plain.eval()(x), rtol=0, atol=0)  # eval: running
+
+
+def test_impossible_layer_combinations_are_refused():
+    with pytest.raises(ValueError, match="does not combine with virtual batches"):
+        make_norm("syncbatch", 4, virtual_batches=2)
+    with pytest.raises(ValueError, match="cannot also use virtual batches"):
+        BatchNorm2d(4, sync=True, virtual_batches=2)
+
+
+# -- whole runs: torchrun against one process -------------------------------------------
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "NORMLAB_TEST_DATA": str(tmp_path / "data"), "OMP_NUM_THREADS": "1",
+            distributed.TIMEOUT_ENV: "60", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def launch(args: list[str], env: dict[str, str], nproc: int = 0, cwd: Path | None = None,
+           torchrun: list[str] | None = None) -> subprocess.Popen:
+    """Start the driver: plainly (nproc 0) or under torchrun with nproc processes."""
+    if nproc:
+        command = [sys.executable, "-m", "torch.distributed.run",
+                   *(torchrun or ["--standalone"]), "--nproc-per-node", str(nproc), str(DRIVER)]
+    else:
+        command = [sys.executable, str(DRIVER)]
+    return subprocess.Popen(command + args, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str, str]:
+    """Wait for a launched run; kill its whole process group if it overruns."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"run did not finish in {timeout} s:\n{out}\n{err}")
+    return proc.returncode, out, err
+
+
+def run(args: list[str], env: dict[str, str], nproc: int = 0, **kw) -> tuple[str, str]:
+    code, out, err = finish(launch(args, env, nproc, **kw))
+    assert code == 0, out + err
+    return out, err
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file's tensors as saved (float64 in the float64 runs)."""
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def max_difference(a: Path, b: Path, running: bool = False) -> float:
+    wa, wb = weights(a), weights(b)
+    keys = [k for k in wa if "num_batches" not in k and ("running" in k) == running]
+    return max((wa[k] - wb[k]).abs().max().item() for k in keys)
+
+
+COMMON = ["compare", "--epochs", "2", "--batch-size", "64", "--no-progress", "--device", "cpu"]
+
+
+def test_two_ranks_equal_one_process_in_float64(tmp_path):
+    """32 SGD steps (2 epochs of 1,024 images, global batch 64) on each side:
+    GN over 2 ranks = GN in 1 process; SBN over 2 ranks = BN in 1 process; BN over 2 ranks
+    = BN with --virtual-batch-size 32 in 1 process; and, as the control that shows the test
+    can fail, BN over 2 ranks != BN in 1 process."""
+    env = _env(tmp_path, NORMLAB_TEST_F64="1", NORMLAB_TEST_NOISY="1")
+    two, one, ghost = tmp_path / "two", tmp_path / "one", tmp_path / "ghost"
+    out, _ = run([*COMMON, "--variants", "gn", "sbn", "bn", "--out", str(two)], env, nproc=2)
+    run([*COMMON, "--variants", "gn", "bn", "--out", str(one), "--threads", "1"], env)
+    run([*COMMON, "--variants", "bn", "--virtual-batch-size", "32", "--out", str(ghost)], env)
+
+    assert weights(two / "gn-seed1.pt")["head.weight"].dtype == torch.float64
+    assert max_difference(two / "gn-seed1.pt", one / "gn-seed1.pt") < 1e-9
+    assert max_difference(two / "sbn-seed1.pt", one / "bn-seed1.pt") < 1e-9
+    assert max_difference(two / "sbn-seed1.pt", one / "bn-seed1.pt", running=True) < 1e-9
+    assert max_difference(two / "bn-seed1.pt", ghost / "bn-seed1.pt") < 1e-9
+    assert max_difference(two / "bn-seed1.pt", ghost / "bn-seed1.pt", running=True) < 1e-9
+    assert max_difference(two / "bn-seed1.pt", one / "bn-seed1.pt") > 1e-2  # the control
+
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["config"]["world_size"] == 2
+    assert metrics["parallel"] == dict(world_size=2, nodes=1, backend="gloo",
+                                       images_per_device=32, jobs=1, threads_per_process=1)
+    ones = json.loads((one / "metrics.json").read_text())["variants"]
+    for a, b in (("gn", "gn"), ("sbn", "bn")):  # evaluation on 2 ranks = on 1 process
+        ha, hb = metrics["variants"][a]["runs"][0]["history"], ones[b]["runs"][0]["history"]
+        assert ha["test_acc"] == hb["test_acc"]
+        assert ha["test_loss"] == pytest.approx(hb["test_loss"], abs=1e-9)
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], abs=1e-9)
+    report = (two / "report.md").read_text()
+    assert "2 processes" in report and "32 images per device" in report
+    assert "rank 0" not in out  # progress lines come from rank 0 alone, unprefixed
+    assert out.count("  gn epoch  1/2") == 1
+
+
+def test_two_machines_on_localhost_write_one_report(tmp_path):
+    """Two torchrun launchers, --nnodes 2, one process each, meet at a c10d rendezvous on
+    127.0.0.1; each runs in its own folder, and only rank 0's writes anything."""
+    env = _env(tmp_path)
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for node in (0, 1):
+        cwd = tmp_path / f"machine{node}"
+        cwd.mkdir()
+        flags = ["--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", endpoint, "--rdzv-id", "normlab-test"]
+        nodes.append((cwd, launch(["compare", "--variants", "gn", "--epochs", "1",
+                                   "--batch-size", "64", "--no-progress", "--out", "run"],
+                                  env, nproc=1, cwd=cwd, torchrun=flags)))
+    for _, proc in nodes:
+        code, out, err = finish(proc)
+        assert code == 0, out + err
+    assert (tmp_path / "machine0" / "run" / "report.md").exists()
+    assert not (tmp_path / "machine1" / "run").exists()
+    parallel = json.loads((tmp_path / "machine0/run/metrics.json").read_text())["parallel"]
+    assert parallel["world_size"] == 2 and parallel["nodes"] == 2
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_killed_rank_stops_every_rank_and_resume_equals_uninterrupted(tmp_path):
+    env = _env(tmp_path, NORMLAB_TEST_TRAIN="3000")
+    args = ["compare", "--variants", "gn", "bn", "--epochs", "3", "--batch-size", "32",
+            "--no-progress"]
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    run([*args, "--out", str(whole)], env, nproc=2)
+
+    proc = launch([*args, "--out", str(out)], env, nproc=2)
+    _wait_for(out / "checkpoints" / "bn-seed1.ckpt", proc)  # gn done, bn one epoch in
+    os.kill(int((tmp_path / "data" / "1" / "pid").read_text()), signal.SIGKILL)
+    started = time.monotonic()
+    code, stdout, stderr = finish(proc)
+    assert code != 0 and time.monotonic() - started < 30
+    line = next(x for x in stderr.splitlines() if x.startswith("normlab compare: rank 0:"))
+    assert "rank 1 stopped or lost contact; every finished epoch is saved; resume with: " \
+           f"torchrun --nproc-per-node 2 -m normlab compare --resume {out}" in line
+    assert "[rank0]" not in stderr  # rank 0 said it in one line, no traceback of its own
+    assert list(json.loads((out / "metrics.json").read_text())["variants"]) == ["gn"]
+
+    resumed, _ = run(["compare", "--resume", str(out)], env, nproc=2)
+    assert "gn: Group Norm, seed 1 - finished earlier, kept" in resumed
+    assert "bn epoch  1/3" not in resumed and "bn epoch  2/3" in resumed
+    a, b = (json.loads((d / "metrics.json").read_text())["variants"] for d in (whole, out))
+    for name in ("gn", "bn"):
+        ha, hb = a[name]["runs"][0]["history"], b[name]["runs"][0]["history"]
+        assert all(ha[k] == hb[k] for k in ha if k != "epoch_time"), name
+        wa, wb = weights(whole / f"{name}-seed1.pt"), weights(out / f"{name}-seed1.pt")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_bad_data_on_one_machine_stops_every_rank_with_its_message(tmp_path):
+    env = _env(tmp_path, NORMLAB_TEST_BAD_RANK="1")
+    code, out, err = finish(launch(["compare", "--variants", "gn", "--epochs", "1",
+                                    "--out", str(tmp_path / "run")], env, nproc=2))
+    assert code != 0
+    lines = [x for x in err.splitlines() if x.startswith("normlab compare:")]
+    assert any(x.startswith("normlab compare: rank 1: data error: ") and "truncated" in x
+               for x in lines), err
+    assert any(x.startswith("normlab compare: rank 0: stopped: rank 1 failed with data error")
+               for x in lines), err
+
+
+def test_a_global_batch_the_ranks_cannot_share_is_refused(tmp_path):
+    code, _, err = finish(launch(["compare", "--variants", "gn", "--batch-size", "33",
+                                  "--out", str(tmp_path / "run")], _env(tmp_path), nproc=2))
+    assert code != 0  # torchrun exits 1 when a worker fails, whatever the worker's code
+    assert ("normlab compare: rank 0: error: the global batch of 33 images does not split "
+            "over 2 processes; choose a --batch-size that 2 divides") in err
+
+
+# -- --jobs ------------------------------------------------------------------------------
+
+def test_jobs_give_the_numbers_of_the_same_runs_one_after_another(tmp_path):
+    env = _env(tmp_path)
+    base = ["compare", "--variants", "gn", "ln", "bn", "--seeds", "1", "2", "--epochs", "2",
+            "--batch-size", "64", "--no-progress"]
+    jobs, serial = tmp_path / "jobs", tmp_path / "serial"
+    out, _ = run([*base, "--jobs", "2", "--out", str(jobs)], env)
+    run([*base, "--threads", "1", "--out", str(serial)], env)
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (jobs, serial))
+    assert list(a["variants"]) == ["gn", "ln", "bn"]  # the command line's order
+    assert a["parallel"]["jobs"] == 2 and a["parallel"]["threads_per_process"] == 1
+    assert a["environment"]["torch_threads"] == 1
+    for name in a["variants"]:
+        for ra, rb in zip(a["variants"][name]["runs"], b["variants"][name]["runs"],
+                          strict=True):
+            assert ra["seed"] == rb["seed"]
+            assert all(ra["history"][k] == rb["history"][k] for k in ra["history"]
+                       if k != "epoch_time")
+            assert ra["misclassified"] == rb["misclassified"]
+        wa, wb = (load_model(d / f"{name}-seed1.pt").state_dict() for d in (jobs, serial))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert "2 runs at a time, 1 thread(s) each" in out
+    assert sum(line.startswith("[") and " final " in line for line in out.splitlines()) == 6
+    assert (jobs / "report.md").exists() and (jobs / "misclassified_bn.png").exists()
+
+
+def test_ctrl_c_with_jobs_stops_the_workers_and_says_how_to_resume(tmp_path):
+    env = _env(tmp_path, NORMLAB_TEST_TRAIN="3000")
+    out = tmp_path / "run"
+    proc = launch(["compare", "--variants", "gn", "ln", "--epochs", "3", "--batch-size", "32",
+                   "--jobs", "2", "--no-progress", "--out", str(out)], env)
+    _wait_for(out / "checkpoints" / "gn-seed1.ckpt", proc)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finish(proc, 60)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"normlab compare: interrupted; every finished "
+                                            f"epoch is saved; resume with: normlab compare "
+                                            f"--resume {out}")
+    assert (out / "checkpoints" / "gn-seed1.ckpt").exists()
+    resumed, _ = run(["compare", "--resume", str(out)], env)
+    assert "gn epoch  1/3" not in resumed and "final" in resumed
+
+
+# -- bad input: one line, exit 2 -----------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--virtual-batch-size", "48"], "--virtual-batch-size 48 does not divide the batch of "
+                                     "128 images; choose a divisor of 128"),
+    (["--jobs", "0"], "argument --jobs: must be positive, got 0"),
+    (["--variants", "sbn", "--virtual-batch-size", "16"], "sbn (synchronized Batch Norm) "
+     "computes over the whole global batch; --virtual-batch-size does not combine with it"),
+    (["--batch-size", "64", "--limit-train", "65", "--variants", "bn", "--virtual-batch-size",
+      "32"], "the last batch holds 1 of the 65 training images, too few to give each of 2 "
+             "parts one"),
+])
+def test_bad_parallel_arguments_give_one_line(args, message, tiny_mnist, tmp_path, capsys):
+    _, folder = tiny_mnist
+    code, line = cli_error(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "r"),
+                            *args], capsys)
+    assert code == 2 and message in line, line
+
+
+def test_jobs_under_torchrun_is_refused(tiny_mnist, tmp_path, capsys, monkeypatch):
+    for key, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
+                           LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(key, value)
+    code, line = cli_error(["compare", "--jobs", "2", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert line == ("normlab compare: rank 0: error: --jobs runs independent runs in worker "
+                    "processes; under torchrun each run is already spread over the ranks: "
+                    "drop --jobs or torchrun")
+
+
+def test_torchrun_environment_is_read_and_checked():
+    assert distributed.from_env({}) == distributed.Ranks()
+    ranks = distributed.from_env(dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1",
+                                      LOCAL_WORLD_SIZE="2"))
+    assert (ranks.rank, ranks.world_size, ranks.local_rank, ranks.nodes) == (3, 4, 1, 2)
+    with pytest.raises(ValueError, match="RANK=4 is outside WORLD_SIZE=4"):
+        distributed.from_env(dict(RANK="4", WORLD_SIZE="4"))
