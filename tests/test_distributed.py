@@ -349,6 +349,22 @@ def test_jobs_give_the_numbers_of_the_same_runs_one_after_another(tmp_path):
     assert (jobs / "report.md").exists() and (jobs / "misclassified_bn.png").exists()
 
 
+def test_sweep_runs_under_torchrun_and_as_jobs(tmp_path):
+    env = _env(tmp_path)
+    grid = ["sweep", "--variants", "bn", "gn", "--batch-sizes", "8", "16", "--seeds", "1",
+            "--samples", "256", "--no-progress"]
+    run([*grid, "--out", str(tmp_path / "ddp")], env, nproc=2)
+    run([*grid, "--out", str(tmp_path / "jobs"), "--jobs", "2"], env)
+    run([*grid, "--out", str(tmp_path / "serial"), "--threads", "1"], env)
+    ddp, jobs, serial = (json.loads((tmp_path / d / "sweep.json").read_text())
+                         for d in ("ddp", "jobs", "serial"))
+    assert ddp["config"]["world_size"] == 2 and ddp["parallel"]["backend"] == "gloo"
+    assert list(ddp["runs"]) == list(jobs["runs"]) == list(serial["runs"])  # grid order
+    for key, r in serial["runs"].items():
+        assert jobs["runs"][key]["test_error"] == r["test_error"]
+    assert "data-parallel over 2 processes" in (tmp_path / "ddp" / "report.md").read_text()
+
+
 def test_ctrl_c_with_jobs_stops_the_workers_and_says_how_to_resume(tmp_path):
     env = _env(tmp_path, NORMLAB_TEST_TRAIN="3000")
     out = tmp_path / "run"

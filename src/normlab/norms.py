@@ -191,3 +191,58 @@ def make_norm(norm: str, channels: int, num_groups: int = 4, virtual_batches: in
     if virtual_batches > 1 and norm == "batch":
         return BatchNorm2d(channels, virtual_batches=virtual_batches)
     return NORM_LAYERS[norm](channels, num_groups)
+
+
+def convert(module: nn.Module, norm: str, num_groups: int = 4, virtual_batches: int = 1
+            ) -> nn.Module:
+    """Replace every 2-D normalization in ``module`` -- ``nn.BatchNorm2d`` (normlab's too),
+    ``nn.SyncBatchNorm`` and ``nn.GroupNorm`` (so also normlab's layer/group/instance norms)
+    -- by ``make_norm(norm, channels, num_groups, virtual_batches)``, the way timm's
+    ``convert_sync_batchnorm`` converts: recursively, in place for children, returning the
+    module (a new one if ``module`` itself is a norm). The scale and shift are carried over,
+    and between Batch Norms the running statistics too, with ``eps``, device, dtype and
+    train/eval mode; so ``convert(model, "group")`` runs the study on any network, and
+    ``convert(model, "syncbatch")`` makes it ready for ``DistributedDataParallel`` on CPU.
+    A ``num_groups`` that does not divide a layer's channels raises a ValueError naming it.
+    """
+    check_norm(norm)
+    return _convert(module, norm, num_groups, virtual_batches, "")
+
+
+def _convert(module: nn.Module, norm: str, num_groups: int, virtual_batches: int, name: str
+             ) -> nn.Module:
+    if isinstance(module, nn.BatchNorm2d | nn.SyncBatchNorm | nn.GroupNorm):
+        return _replacement(module, norm, num_groups, virtual_batches, name or "(the model)")
+    for child_name, child in module.named_children():
+        new = _convert(child, norm, num_groups, virtual_batches,
+                       f"{name}.{child_name}" if name else child_name)
+        if new is not child:
+            setattr(module, child_name, new)
+    return module
+
+
+def _replacement(old: nn.Module, norm: str, num_groups: int, virtual_batches: int, name: str
+                 ) -> nn.Module:
+    channels = old.num_channels if isinstance(old, nn.GroupNorm) else old.num_features
+    try:
+        new = make_norm(norm, channels, num_groups, virtual_batches)
+    except ValueError as exc:
+        raise ValueError(f"layer {name}: {exc}") from None
+    state = next(iter(old.parameters()), None)
+    state = state if state is not None else next(iter(old.buffers()), None)
+    if state is not None:
+        new.to(device=state.device, dtype=state.dtype)
+    new.train(old.training)
+    if isinstance(new, nn.Identity):
+        return new
+    new.eps = old.eps
+    with torch.no_grad():
+        if getattr(old, "weight", None) is not None:
+            new.weight.copy_(old.weight)
+            new.bias.copy_(old.bias)
+        both_track = all(isinstance(m, nn.modules.batchnorm._BatchNorm) and
+                         m.running_mean is not None for m in (old, new))
+        if both_track:
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                getattr(new, key).copy_(getattr(old, key))
+    return new

@@ -425,6 +425,10 @@ class Sweep(Study):
 
     def keep(self, record: dict[str, Any], run: Run, result: dict[str, Any]) -> None:
         record["runs"][run.key] = result
+        order = [r.key for r in self.runs()]  # --jobs finishes runs in any order
+        record["runs"] = dict(sorted(record["runs"].items(),
+                                     key=lambda kv: order.index(kv[0]) if kv[0] in order
+                                     else len(order)))
 
     def announce(self, data: Data, device: torch.device, verb: str, out: Path) -> str:
         a = self.args
