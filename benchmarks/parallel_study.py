@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--args", default="", help="extra normlab compare arguments")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of all modes (default 1)")
     parser.add_argument("--out", type=Path, help="write the record here (JSON)")
+    parser.add_argument("--keep", type=Path, help="keep each run's output folder under KEEP "
+                        "(default: temporary)")
     args = parser.parse_args()
     normlab = str(Path(sys.executable).with_name("normlab"))
     record = {"command": shlex.join([Path(sys.executable).name, *sys.argv]),
@@ -51,7 +53,8 @@ def main() -> int:
     for round_ in range(1, args.rounds + 1):
         for name, template in MODES.items():  # modes alternate within a round
             with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "run"
+                out = (args.keep / f"round{round_}-mode{list(MODES).index(name) + 1}"
+                       if args.keep else Path(tmp) / "run")
                 command = [part.format(normlab=normlab, cores=cores()) for part in template]
                 command += [*shlex.split(args.args), "--no-progress", "--out", str(out)]
                 print(f"== round {round_}, {name}: {shlex.join(command)}", flush=True)
