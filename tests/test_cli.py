@@ -30,7 +30,7 @@ def test_compare_writes_every_artefact(tiny_mnist, tmp_path, capsys):
     names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
     assert names == {"metrics.json", "report.md", "curves.png",
                      *(f"misclassified_{v}.png" for v in STUDY),
-                     *(f"{v}-seed1.pt" for v in STUDY)}
+                     *(f"{v}-seed1.safetensors" for v in STUDY)}
     printed = capsys.readouterr().out
     for v in STUDY:  # one summary line per epoch per variant
         assert printed.count(f"  {v} epoch ") == 2
@@ -50,7 +50,7 @@ def test_compare_writes_every_artefact(tiny_mnist, tmp_path, capsys):
     data = load_data(folder, spec)
     _, test_loader = make_loaders(data, 32, 1)
     for v in STUDY:
-        model = load_model(out / f"{v}-seed1.pt")
+        model = load_model(out / f"{v}-seed1.safetensors")
         loss, acc = engine.test(model, torch.device("cpu"), test_loader,
                                 precision=metrics["config"]["precision"])
         assert acc == metrics["variants"][v]["runs"][0]["history"]["test_acc"][-1]
@@ -189,7 +189,7 @@ def test_committed_weights_reproduce_the_reported_accuracy(mnist_dir, variant):
     results = Path(__file__).resolve().parents[1] / "results" / "compare"
     metrics = json.loads((results / "metrics.json").read_text())
     run = metrics["variants"][variant]["runs"][-1]  # the last seed
-    model = load_model(results / f"{variant}-seed{run['seed']}.pt")
+    model = load_model(results / f"{variant}-seed{run['seed']}.safetensors")
     _, test_loader = make_loaders(load_data(mnist_dir), 128, 1)
     _, acc = engine.test(model, torch.device("cpu"), test_loader,
                          precision=metrics["config"]["precision"])
@@ -210,7 +210,7 @@ def test_several_seeds_give_intervals_pairwise_differences_and_a_band(tiny_mnist
     for v in ("gn", "ln"):
         assert [r["seed"] for r in metrics["variants"][v]["runs"]] == [1, 2, 3]
         for seed in (1, 2, 3):
-            assert (out / f"{v}-seed{seed}.pt").exists()
+            assert (out / f"{v}-seed{seed}.safetensors").exists()
     # Different seeds really are different runs.
     accs = {v: [r["history"]["train_loss"][-1] for r in metrics["variants"][v]["runs"]]
             for v in ("gn", "ln")}

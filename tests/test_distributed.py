@@ -30,7 +30,7 @@ from torch import nn
 
 from conftest import cli_error
 from normlab import distributed
-from normlab.checkpoint import load_model
+from normlab.checkpoint import read_weights
 from normlab.norms import BatchNorm2d, make_norm
 
 TESTS = Path(__file__).resolve().parent
@@ -192,13 +192,13 @@ def run(args: list[str], env: dict[str, str], nproc: int = 0, **kw) -> tuple[str
     return out, err
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    """A weights file's tensors as saved (float64 in the float64 runs)."""
-    return torch.load(path, weights_only=True)["state_dict"]
+def weights(folder: Path, variant: str) -> dict[str, torch.Tensor]:
+    """A run's weights as saved (float64 in the float64 runs)."""
+    return read_weights(folder / f"{variant}-seed1.safetensors")[1]
 
 
-def max_difference(a: Path, b: Path, running: bool = False) -> float:
-    wa, wb = weights(a), weights(b)
+def max_difference(a: tuple[Path, str], b: tuple[Path, str], running: bool = False) -> float:
+    wa, wb = weights(*a), weights(*b)
     keys = [k for k in wa if "num_batches" not in k and ("running" in k) == running]
     return max((wa[k] - wb[k]).abs().max().item() for k in keys)
 
@@ -217,13 +217,13 @@ def test_two_ranks_equal_one_process_in_float64(tmp_path):
     run([*COMMON, "--variants", "gn", "bn", "--out", str(one), "--threads", "1"], env)
     run([*COMMON, "--variants", "bn", "--virtual-batch-size", "32", "--out", str(ghost)], env)
 
-    assert weights(two / "gn-seed1.pt")["head.weight"].dtype == torch.float64
-    assert max_difference(two / "gn-seed1.pt", one / "gn-seed1.pt") < 1e-9
-    assert max_difference(two / "sbn-seed1.pt", one / "bn-seed1.pt") < 1e-9
-    assert max_difference(two / "sbn-seed1.pt", one / "bn-seed1.pt", running=True) < 1e-9
-    assert max_difference(two / "bn-seed1.pt", ghost / "bn-seed1.pt") < 1e-9
-    assert max_difference(two / "bn-seed1.pt", ghost / "bn-seed1.pt", running=True) < 1e-9
-    assert max_difference(two / "bn-seed1.pt", one / "bn-seed1.pt") > 1e-2  # the control
+    assert weights(two, "gn")["head.weight"].dtype == torch.float64
+    assert max_difference((two, "gn"), (one, "gn")) < 1e-9
+    assert max_difference((two, "sbn"), (one, "bn")) < 1e-9
+    assert max_difference((two, "sbn"), (one, "bn"), running=True) < 1e-9
+    assert max_difference((two, "bn"), (ghost, "bn")) < 1e-9
+    assert max_difference((two, "bn"), (ghost, "bn"), running=True) < 1e-9
+    assert max_difference((two, "bn"), (one, "bn")) > 1e-2  # the control
 
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["config"]["world_size"] == 2
@@ -298,7 +298,7 @@ def test_killed_rank_stops_every_rank_and_resume_equals_uninterrupted(tmp_path):
     for name in ("gn", "bn"):
         ha, hb = a[name]["runs"][0]["history"], b[name]["runs"][0]["history"]
         assert all(ha[k] == hb[k] for k in ha if k != "epoch_time"), name
-        wa, wb = weights(whole / f"{name}-seed1.pt"), weights(out / f"{name}-seed1.pt")
+        wa, wb = weights(whole, name), weights(out, name)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
@@ -342,7 +342,7 @@ def test_jobs_give_the_numbers_of_the_same_runs_one_after_another(tmp_path):
             assert all(ra["history"][k] == rb["history"][k] for k in ra["history"]
                        if k != "epoch_time")
             assert ra["misclassified"] == rb["misclassified"]
-        wa, wb = (load_model(d / f"{name}-seed1.pt").state_dict() for d in (jobs, serial))
+        wa, wb = (weights(d, name) for d in (jobs, serial))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert "2 runs at a time, 1 thread(s) each" in out
     assert sum(line.startswith("[") and " final " in line for line in out.splitlines()) == 6

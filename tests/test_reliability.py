@@ -16,7 +16,7 @@ import torch
 from conftest import cli_error
 from normlab import data as D
 from normlab import engine
-from normlab.checkpoint import CheckpointError, atomic_write, load_model, save_model
+from normlab.checkpoint import CheckpointError, atomic_write, load_model
 from normlab.cli import main
 from normlab.model import Net, count_parameters
 
@@ -67,7 +67,8 @@ def _results(out: Path) -> dict:
         for run in v["runs"]:
             run["history"].pop("epoch_time")
             run.pop("wall_time_s")
-    weights = {f"{name}-seed{run['seed']}": load_model(out / f"{name}-seed{run['seed']}.pt")
+    weights = {f"{name}-seed{run['seed']}":
+               load_model(out / f"{name}-seed{run['seed']}.safetensors")
                .state_dict() for name, v in metrics["variants"].items() for run in v["runs"]}
     return {"variants": metrics["variants"], "weights": weights}
 
@@ -177,11 +178,9 @@ def test_checkpoint_of_another_variant_is_refused_naming_both(tiny, tmp_path):
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
-    path = tmp_path / "w.pt"
-    save_model(Net("batch"), path)
-    blob = torch.load(path, weights_only=True)
-    blob["config"]["norm"] = "none"  # no norm layers: the state dict cannot fit
-    torch.save(blob, path)
+    path = tmp_path / "w.pt"  # the format of normlab 0.2
+    config = dict(norm="none", num_groups=4, dropout=0.0)  # no norm layers: cannot fit
+    torch.save({"config": config, "state_dict": Net("batch").state_dict()}, path)
     with pytest.raises(CheckpointError, match="weights do not fit"):
         load_model(path)
 
@@ -313,11 +312,9 @@ def test_weights_from_before_architectures_were_recorded_still_load(tmp_path):
     from normlab.checkpoint import ARCHITECTURE_0_1
 
     old = Net("group", architecture=ARCHITECTURE_0_1)
-    path = tmp_path / "old.pt"
-    save_model(old, path)
-    blob = torch.load(path, weights_only=True)
-    del blob["config"]["architecture"]  # as normlab 0.1 wrote it
-    torch.save(blob, path)
+    path = tmp_path / "old.pt"  # as normlab 0.1 wrote it: no architecture in the config
+    torch.save({"config": dict(norm="group", num_groups=4, dropout=0.0),
+                "state_dict": old.state_dict()}, path)
     loaded = load_model(path)
     assert loaded.architecture == ARCHITECTURE_0_1
     x = torch.randn(2, 1, 28, 28)

@@ -1,12 +1,19 @@
 """Saving and loading results: atomic writes, and weights that load without running code.
 
 Every file is written to a temporary name and renamed into place, so a kill at any
-instant leaves either the old or the new version, never half a file. Weights are read
-with ``torch.load(weights_only=True)``, which refuses pickled code.
+instant, or a full disk, leaves either the old or the new version, never half a file.
+
+Final weights are safetensors files (no pickle at all; Hugging Face's format, readable by
+most of the ecosystem) whose metadata header holds what rebuilds the model, so anyone can
+load one with ``safetensors.torch.load_file`` and ``Net(**json.loads(meta["config"]))``.
+Weights of normlab 0.2 and earlier (``.pt``) still load, with
+``torch.load(weights_only=True)``, which refuses pickled code; so do training checkpoints,
+which hold optimiser and random-number state and stay torch files.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -16,8 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 
+from . import __version__
 from .model import Net
+
+WEIGHTS_SUFFIX = ".safetensors"
+WEIGHTS_FORMAT = "normlab-weights-1"
 
 # The conv stack of normlab 0.1, whose weight files do not name their architecture.
 ARCHITECTURE_0_1 = (("conv1", 8, 3), ("conv2", 12, 3), ("conv3", 16, 3), ("pool", 0, 2),
@@ -31,8 +44,9 @@ class CheckpointError(Exception):
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp's files are private; results are not
@@ -41,9 +55,17 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a write names no file: ours
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write that failed for want of space (full disk, or quota)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -51,30 +73,94 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_model(model: Net, path: str | Path, **meta: Any) -> None:
-    """Save the weights with what is needed to rebuild the model (norm, groups, dropout and
-    the conv stack, so that a file outlives a change of the default architecture)."""
+    """Save the weights as safetensors with what rebuilds the model (norm, groups, dropout
+    and the conv stack, so that a file outlives a change of the default architecture) and
+    ``meta`` (variant, seed, accuracy, revision ...) in the metadata header, as strings."""
     config = dict(norm=model.norm, num_groups=model.num_groups, dropout=model.dropout,
                   architecture=[list(layer) for layer in model.architecture])
     if model.virtual_batches > 1:
         config["virtual_batches"] = model.virtual_batches
-    _save(path, {"config": config, "meta": meta, "state_dict": model.state_dict()})
+    header = {"format": WEIGHTS_FORMAT, "normlab": __version__, "config": json.dumps(config),
+              "norm": model.norm, "num_groups": str(model.num_groups),
+              "architecture": json.dumps(config["architecture"]),
+              **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, safetensors_bytes(tensors, metadata=header))
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Net:
-    """Rebuild a ``Net`` saved by ``save_model``; never unpickles arbitrary objects."""
+def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                             dict[str, str]]:
+    """(config, state_dict, metadata) of a weights file, safetensors or normlab's older
+    ``.pt``; never unpickles arbitrary objects."""
     path = Path(path)
+    if _is_safetensors(path):
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+            config = json.loads(meta["config"])
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else \
+                type(exc).__name__
+            raise CheckpointError(f"{path}: not a loadable normlab weights file ({first}); it "
+                                  f"is corrupt or not normlab's: delete or replace it") from None
+        return config, state, meta
     blob = _load(path, "weights file")
     if not isinstance(blob, dict) or not {"config", "state_dict"} <= blob.keys():
         raise CheckpointError(f"{path}: not a normlab weights file (no config/state_dict)")
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in blob.get("meta", {}).items()}
     # Files written before weights recorded their architecture (normlab 0.1) used this one.
-    config = {"architecture": ARCHITECTURE_0_1, **blob["config"]}
+    return {"architecture": ARCHITECTURE_0_1, **blob["config"]}, blob["state_dict"], meta
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By content, not name: 8 bytes of header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror})") from None
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Net:
+    """Rebuild a ``Net`` saved by ``save_model`` (or an older ``.pt`` weights file)."""
+    config, state, _ = read_weights(path)
     model = Net(**config)
     try:
-        model.load_state_dict(blob["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit Net({config}): "
                               f"{str(exc).splitlines()[0]}") from None
     return model.to(map_location)
+
+
+def convert_weights(path: str | Path, **meta: Any) -> Path:
+    """Rewrite an older ``.pt`` weights file as ``.safetensors`` beside it (``meta`` added to
+    its metadata), check that the new file holds the same tensors, and remove the old one."""
+    path = Path(path)
+    config, state, old_meta = read_weights(path)
+    model = Net(**config)
+    model.load_state_dict(state)
+    target = path.with_suffix(WEIGHTS_SUFFIX)
+    save_model(model, target, **{**{k: _plain(v) for k, v in old_meta.items()}, **meta})
+    _, written, _ = read_weights(target)
+    if written.keys() != state.keys() or not all(torch.equal(written[k], state[k])
+                                                  for k in state):
+        target.unlink()
+        raise CheckpointError(f"{path}: the converted weights differ; nothing was changed")
+    path.unlink()
+    return target
+
+
+def _plain(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
 
 def _save(path: str | Path, obj: Any) -> None:
     buffer = io.BytesIO()

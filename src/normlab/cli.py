@@ -13,14 +13,17 @@ the next one starts, and every finished epoch is checkpointed.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from . import distributed, explain
+from . import __version__, distributed, explain
+from .checkpoint import convert_weights
 from .data import DATASETS
 from .engine import DEFAULTS, PRECISIONS, STUDY_VARIANTS, VARIANTS
 from .model import count_parameters
-from .study import Study, Sweep, build_models, error_line, redraw, run_study
+from .report import git_revision
+from .study import Study, Sweep, UsageError, build_models, error_line, redraw, run_study
 from .sweep import DEFAULT_BATCH_SIZES
 
 SWEEP_VARIANTS = ("bn", "gn", "ln")
@@ -95,6 +98,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normlab", description=__doc__.split("\n\n")[0])
+    revision = git_revision()
+    parser.add_argument("--version", action="version", version=f"normlab {__version__}"
+                        + (f" (git {revision})" if revision != "unknown" else ""))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compare", help="train the variants and write metrics, figures, report",
@@ -140,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, metavar="OUTDIR", help="a compare or sweep output folder")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("convert", help="rewrite older .pt weights files as .safetensors",
+                       description="Rewrite every normlab .pt weights file in the given folders "
+                       "(or the given files) as .safetensors beside it, with the run's git "
+                       "revision from its metrics.json; each new file is checked to hold the "
+                       "same tensors before the old one is removed.")
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("summary", help="print a torchinfo summary of each variant")
     _add_model_options(p)
     p.set_defaults(func=cmd_summary)
@@ -165,6 +179,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     return run_study(Sweep(args))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    files = [f for p in args.paths for f in (sorted(p.glob("*.pt")) if p.is_dir() else [p])]
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        raise UsageError(f"no such file or folder: {', '.join(missing)}")
+    if not files:
+        print("nothing to convert: no .pt weights files there")
+    for path in files:
+        record = path.parent / "metrics.json"
+        revision = (json.loads(record.read_text())["environment"]["git_revision"]
+                    if record.exists() else None)
+        target = convert_weights(path, **({"git_revision": revision} if revision else {}))
+        print(f"{path} -> {target.name}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -200,20 +230,21 @@ def main(argv: list[str] | None = None) -> int:
         line = error_line(exc)
         if line is None:
             raise
-        parser.exit(line[0], f"{me}{line[1]}\n")
+        hint = _resume(args, ranks, " it") if isinstance(exc, OSError) else ""
+        parser.exit(line[0], f"{me}{line[1]}{hint}\n")
     return 0
 
 
-def _resume(args: argparse.Namespace, ranks: distributed.Ranks) -> str:
+def _resume(args: argparse.Namespace, ranks: distributed.Ranks, lead: str = "; resume") -> str:
     """How to continue an interrupted run, as the user launched it."""
     out = getattr(args, "out", None)
     if out is None or args.command not in ("compare", "sweep"):
         return ""
     if ranks.nodes > 1:
-        return f"; resume by running the same torchrun commands with: {args.command} --resume {out}"
+        return f"{lead} by running the same torchrun commands with: {args.command} --resume {out}"
     launch = (f"torchrun --nproc-per-node {ranks.world_size} -m normlab"
               if ranks.distributed else "normlab")
-    return f"; resume with: {launch} {args.command} --resume {out}"
+    return f"{lead} with: {launch} {args.command} --resume {out}"
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ a headless run, a test and a notebook, and never open a window.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from .checkpoint import atomic_write
 from .engine import Misclassified
 
 History = Mapping[str, Sequence[float]]
@@ -72,7 +74,7 @@ def plot_curves(histories: Mapping[str, Sequence[History]], path: str | Path | N
     fig.suptitle(f"Batch vs Layer vs Group Normalization: {split}-set curves (final values in "
                  f"the legends)")
     if path is not None:
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
     return fig
 
 
@@ -93,7 +95,7 @@ def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
                      f"true {classes[mis.target[i]]}  ({split} #{mis.indices[i]})", fontsize=9)
     fig.suptitle(f"{title}: {len(mis.predicted)} misclassified {split} images")
     if path is not None:
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
     return fig
 
 
@@ -123,5 +125,12 @@ def plot_sweep(errors: Mapping[str, Mapping[int, Sequence[float]]], title: str,
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
     return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> None:
+    """PNG into memory, then one atomic write: a full disk never leaves half a figure."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write(path, buffer.getvalue())

@@ -30,7 +30,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, atomic_write, save_model, write_json
+from .checkpoint import (
+    WEIGHTS_SUFFIX,
+    CheckpointError,
+    atomic_write,
+    disk_full,
+    save_model,
+    write_json,
+)
 from .data import Data, DataError, load_data, make_loaders
 from .distributed import Ranks
 from .engine import (
@@ -74,7 +81,9 @@ def error_line(exc: BaseException) -> tuple[int, str] | None:
         return 1, f"error: {exc}"
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
-        return 1, f"error: cannot write{where} ({exc.strerror or exc}); finished work is kept"
+        fix = "free some space" if disk_full(exc) else "fix that"
+        return 1, (f"error: cannot write{where} ({exc.strerror or exc}); its previous version "
+                   f"and every finished epoch are kept: {fix}, then resume")
     return None
 
 
@@ -113,6 +122,7 @@ class Settings:
     virtual_batch_size: int | None
     progress: bool
     first_seed: int
+    revision: str = "unknown"  # the git revision, recorded in every weights file
     writes: bool = True  # rank 0 (or a single process): writes weights and figures
 
 
@@ -155,8 +165,9 @@ def execute(run: Run, s: Settings, data: Data, device: torch.device) -> dict[str
     record: dict[str, Any] = dict(seed=run.seed, wall_time_s=sum(history["epoch_time"]),
                                   history=history)
     if s.writes:
-        save_model(model, s.out / f"{run.key}.pt", variant=run.variant, seed=run.seed,
-                   test_acc=history["test_acc"][-1], eval_split=data.eval_split)
+        save_model(model, s.out / f"{run.key}{WEIGHTS_SUFFIX}", variant=run.variant,
+                   seed=run.seed, test_acc=history["test_acc"][-1], eval_split=data.eval_split,
+                   git_revision=s.revision)
         _, test_loader = make_loaders(data, run.batch_size, run.seed, device)
         wrong = misclassified(model, device, test_loader, n=10)
         if run.seed == s.first_seed:
@@ -543,7 +554,8 @@ def _run_in_folder(study: Study, ranks: Ranks, device: torch.device, threads: in
                              out) + _parallel_note(ranks, args.jobs, threads))
     settings = Settings(study.kind, out, args.epochs, args.l1, args.num_groups,
                         args.precision, args.virtual_batch_size, not args.no_progress,
-                        args.seeds[0], writes=ranks.leader)
+                        args.seeds[0], record["environment"]["git_revision"],
+                        writes=ranks.leader)
     runs = study.runs()
     todo = [r for r in runs if not study.finished(record, r)]
     count = {"done": len(runs) - len(todo)}
