@@ -179,6 +179,22 @@ def test_batches_cover_the_split_once_with_the_right_shapes():
     assert torch.equal(seen.sort().values, loader.labels.sort().values)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_of_every_global_batch_add_up_to_the_one_process_batch(world):
+    """Each rank's part of each global batch, joined in rank order, is exactly what one
+    process trains on: the same images (augmented alike, to float rounding) and labels; the
+    short last batch (100 = 3 x 32 + 4) is cut as torch.tensor_split cuts it."""
+    whole = list(_loader(shuffle=True, augment=True, seed=5))
+    shards = [list(_loader(shuffle=True, augment=True, seed=5, shard=(r, world)))
+              for r in range(world)]
+    for i, (x, y) in enumerate(whole):
+        parts = [shard[i] for shard in shards]
+        assert [len(p[1]) for p in parts] == [len(t) for t in y.tensor_split(world)]
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+        torch.testing.assert_close(torch.cat([p[0] for p in parts]), x, rtol=0, atol=1e-5)
+    assert _loader(shard=(0, world)).batch_length(3) == 4
+
+
 def test_batches_are_normalised():
     images, labels = synthetic_digits(64)
     x, _ = next(iter(Loader(images, labels, 64, mean=0.2, std=0.5)))

@@ -67,3 +67,39 @@ def test_version_names_the_release(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith(f"normlab {__version__}")
+
+
+def test_tensorboard_logs_every_epoch_of_every_run(tiny_mnist, tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator")
+    _, folder = tiny_mnist
+    out, board = tmp_path / "run", tmp_path / "board"
+    assert main(["compare", "--variants", "gn", "bn", "--seeds", "1", "2", "--epochs", "2",
+                 "--batch-size", "64", "--data-dir", str(folder), "--out", str(out),
+                 "--no-progress", "--tensorboard", str(board)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(p.name for p in board.iterdir()) == ["bn-seed1", "bn-seed2", "gn-seed1",
+                                                       "gn-seed2"]
+    for name, variant in metrics["variants"].items():
+        for run in variant["runs"]:
+            events = event_accumulator.EventAccumulator(str(board / f"{name}-seed{run['seed']}"))
+            events.Reload()
+            history = run["history"]
+            for tag, key in (("loss/train", "train_loss"), ("loss/test", "test_loss"),
+                             ("accuracy/train", "train_acc"), ("accuracy/test", "test_acc"),
+                             ("learning_rate", "lr")):
+                scalars = events.Scalars(tag)
+                assert [e.step for e in scalars] == [1, 2]
+                assert [e.value for e in scalars] == pytest.approx(history[key], rel=1e-6)
+
+
+def test_tensorboard_without_the_extra_is_one_line(tiny_mnist, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    _, folder = tiny_mnist
+    code, line = cli_error(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "r"),
+                            "--tensorboard", str(tmp_path / "tb")], capsys)
+    assert code == 2
+    assert line == ("normlab compare: error: --tensorboard needs the tensorboard package: pip "
+                    "install 'normlab[tensorboard]'")

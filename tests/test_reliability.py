@@ -1,5 +1,6 @@
 """Interrupt/resume, safe loading, numerical faults and bad input, end to end."""
 
+import errno
 import fcntl
 import json
 import os
@@ -319,3 +320,96 @@ def test_weights_from_before_architectures_were_recorded_still_load(tmp_path):
     assert loaded.architecture == ARCHITECTURE_0_1
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(loaded.eval()(x), old.eval()(x))
+
+
+# -- a full disk ---------------------------------------------------------------------------
+
+def _fills(path: Path) -> None:
+    """Write to ``path`` until the filesystem has no space left."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A genuinely small filesystem: a 4 MB tmpfs (needs root, as on the project's machines
+    and CI); the test skips, saying so, where it cannot be mounted."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the injected-error test covers the logic")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_filesystem_stops_with_one_line_keeps_everything_and_resumes(driver, tmp_path,
+                                                                           small_disk):
+    """On a real full tmpfs: the write that fails names its file and the cause, every file
+    keeps its previous version (no half-written file, no temporary left), and once space is
+    freed the run resumes to the numbers of an uninterrupted run."""
+    args = [*ARGS, "--epochs", "4"]
+    whole = driver(*args, "--out", str(tmp_path / "whole"))
+    assert whole.wait(timeout=300) == 0, whole.communicate()
+
+    out = small_disk / "run"
+    proc = driver(*args, "--out", str(out))
+    _wait_for(out / "checkpoints" / "ln-seed1.ckpt", proc)  # gn finished, ln under way
+    _fills(small_disk / "filler")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"normlab compare: error: cannot write {out}/")
+    assert line.endswith(f"(No space left on device); its previous version and every finished "
+                         f"epoch are kept: free some space, then resume it with: normlab "
+                         f"compare --resume {out}")
+    assert not list(out.rglob("*.tmp"))
+    assert list(json.loads((out / "metrics.json").read_text())["variants"]) == ["gn"]
+    load_model(out / "gn-seed1.safetensors")
+    torch.load(out / "checkpoints" / "ln-seed1.ckpt", weights_only=True)  # whole, loadable
+
+    (small_disk / "filler").unlink()
+    resumed = driver("compare", "--resume", str(out))
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    _assert_same(_results(tmp_path / "whole"), _results(out))
+
+
+def test_an_injected_disk_full_error_keeps_the_previous_version(tiny_mnist, tmp_path, capsys,
+                                                                monkeypatch):
+    """The same logic without a small filesystem: ENOSPC injected at the fsync of the third
+    write of metrics.json (after the first variant finished)."""
+    _, folder = tiny_mnist
+    out = tmp_path / "run"
+    args = ["compare", "--variants", "gn", "ln", "--epochs", "1", "--data-dir", str(folder),
+            "--no-progress"]
+    real_fsync, writes = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if "metrics.json" in name:
+            writes.append(name)
+            if len(writes) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code, line = cli_error([*args, "--out", str(out)], capsys)
+    assert code == 1
+    assert line == (f"normlab compare: error: cannot write {out / 'metrics.json'} (No space "
+                    f"left on device); its previous version and every finished epoch are kept: "
+                    f"free some space, then resume it with: normlab compare --resume {out}")
+    kept = json.loads((out / "metrics.json").read_text())
+    assert list(kept["variants"]) == ["gn"] and not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert main(["compare", "--resume", str(out)]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert _results(out)["variants"] == _results(tmp_path / "whole")["variants"]

@@ -88,6 +88,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="Batch Norm computes its training statistics over each B images of "
                    "a batch, as batch/B devices would (ghost batch norm); B must divide the "
                    "batch per process")
+    p.add_argument("--tensorboard", type=Path, metavar="DIR",
+                   help="log every run's per-epoch losses, accuracies and learning rate to "
+                   "DIR, one TensorBoard run per variant and seed (needs normlab[tensorboard]; "
+                   "view with: tensorboard --logdir DIR)")
     p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                    help="train N independent runs at a time in separate processes, each "
                    "with max(1, cores // N) threads (default: 1)")

@@ -123,6 +123,7 @@ class Settings:
     progress: bool
     first_seed: int
     revision: str = "unknown"  # the git revision, recorded in every weights file
+    tensorboard: Path | None = None  # log every run's epochs here, one TensorBoard run each
     writes: bool = True  # rank 0 (or a single process): writes weights and figures
 
 
@@ -136,8 +137,18 @@ def execute(run: Run, s: Settings, data: Data, device: torch.device) -> dict[str
     variant = VARIANTS[run.variant]
     lambda_l1 = s.lambda_l1 if variant.l1 else 0.0
 
+    board = _board(s, run)
+
     def log(epoch: int, row: dict[str, float]) -> None:
-        if s.writes:
+        if board is not None:
+            for name, value in (("loss/train", row["train_loss"]),
+                                (f"loss/{data.eval_split}", row["test_loss"]),
+                                ("accuracy/train", row["train_acc"]),
+                                (f"accuracy/{data.eval_split}", row["test_acc"]),
+                                ("learning_rate", row["lr"])):
+                board.add_scalar(name, value, epoch)
+            board.flush()  # so that a live `tensorboard --logdir` shows every epoch
+        if s.writes and s.kind == "compare":
             tqdm.write(f"  {run.label} epoch {epoch:2d}/{s.epochs}  lr {row['lr']:.4f}  "
                        f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
                        f"{data.eval_split} loss {row['test_loss']:.4f} "
@@ -147,7 +158,7 @@ def execute(run: Run, s: Settings, data: Data, device: torch.device) -> dict[str
         model, history = train_model(
             variant.norm, lambda_l1=lambda_l1, num_groups=s.num_groups, epochs=s.epochs,
             seed=run.seed, batch_size=run.batch_size, lr=run.lr, device=device, data=data,
-            name=run.label, progress=s.progress, on_epoch=log if s.kind == "compare" else None,
+            name=run.label, progress=s.progress, on_epoch=log,
             checkpoint=checkpoint_of(s.out, run), precision=s.precision,
             virtual_batch_size=s.virtual_batch_size if variant.norm == "batch" else None)
     except TrainingDiverged as exc:
@@ -157,6 +168,9 @@ def execute(run: Run, s: Settings, data: Data, device: torch.device) -> dict[str
         failed = {"seed": run.seed, "failed": str(exc)}
         return failed if s.kind == "compare" else {**_sweep_fields(run, s, data), **failed,
                                                    "wall_time_s": 0.0}
+    finally:
+        if board is not None:
+            board.close()
     if s.kind == "sweep":
         return {**_sweep_fields(run, s, data), "test_acc": history["test_acc"][-1],
                 "test_error": 100.0 - history["test_acc"][-1],
@@ -177,6 +191,15 @@ def execute(run: Run, s: Settings, data: Data, device: torch.device) -> dict[str
         record["misclassified"] = dict(index=wrong.indices, predicted=wrong.predicted,
                                        target=wrong.target, confidence=wrong.confidence)
     return record
+
+
+def _board(s: Settings, run: Run):
+    """A TensorBoard writer for this run (rank 0 only), or None."""
+    if s.tensorboard is None or not s.writes:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(s.tensorboard / run.key.replace("/", "_")))
 
 
 def _sweep_fields(run: Run, s: Settings, data: Data) -> dict[str, Any]:
@@ -476,6 +499,12 @@ def run_study(study: Study) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     build_models(args.variants, args.num_groups)  # fail fast, before any data is read
+    if args.tensorboard is not None:
+        try:
+            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install "
+                             "'normlab[tensorboard]'") from None
     threads = _check_parallel(args, ranks)
     device = _device_for(args, ranks)
     ranks = distributed.start(ranks, device)
@@ -555,7 +584,7 @@ def _run_in_folder(study: Study, ranks: Ranks, device: torch.device, threads: in
     settings = Settings(study.kind, out, args.epochs, args.l1, args.num_groups,
                         args.precision, args.virtual_batch_size, not args.no_progress,
                         args.seeds[0], record["environment"]["git_revision"],
-                        writes=ranks.leader)
+                        args.tensorboard, writes=ranks.leader)
     runs = study.runs()
     todo = [r for r in runs if not study.finished(record, r)]
     count = {"done": len(runs) - len(todo)}
