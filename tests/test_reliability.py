@@ -410,6 +410,6 @@ def test_an_injected_disk_full_error_keeps_the_previous_version(tiny_mnist, tmp_
     kept = json.loads((out / "metrics.json").read_text())
     assert list(kept["variants"]) == ["gn"] and not list(out.glob(".*.tmp"))
     monkeypatch.setattr(os, "fsync", real_fsync)
-    assert main(["compare", "--resume", str(out)]) == 0
+    assert main(["compare", "--resume", str(out), "--data-dir", str(folder)]) == 0
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     assert _results(out)["variants"] == _results(tmp_path / "whole")["variants"]

@@ -11,6 +11,7 @@ run's weights, checkpoint and figure).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing
 import os
@@ -501,7 +502,7 @@ def run_study(study: Study) -> int:
     build_models(args.variants, args.num_groups)  # fail fast, before any data is read
     if args.tensorboard is not None:
         try:
-            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+            importlib.import_module("torch.utils.tensorboard")  # needs tensorboard installed
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package: pip install "
                              "'normlab[tensorboard]'") from None
@@ -509,7 +510,10 @@ def run_study(study: Study) -> int:
     device = _device_for(args, ranks)
     ranks = distributed.start(ranks, device)
     try:
-        return _run_study(study, ranks, device, threads)
+        if args.jobs == 1 and threads is not None:
+            torch.set_num_threads(threads)
+        with ExitStack() as stack:  # holds the output folder's lock until the study ends
+            return _run(study, ranks, device, threads or torch.get_num_threads(), stack)
     finally:
         distributed.close()
 
@@ -530,19 +534,8 @@ def _on_every_rank(ranks: Ranks, step: Callable[[], Any]) -> Any:
     return result
 
 
-def _run_study(study: Study, ranks: Ranks, device: torch.device, threads: int | None
-               ) -> int:
-    args = study.args
-    if args.jobs == 1 and threads is not None:
-        torch.set_num_threads(threads)
-    threads = threads or torch.get_num_threads()
-
-    with ExitStack() as stack:
-        return _run_in_folder(study, ranks, device, threads, stack)
-
-
-def _run_in_folder(study: Study, ranks: Ranks, device: torch.device, threads: int,
-                   stack: ExitStack) -> int:
+def _run(study: Study, ranks: Ranks, device: torch.device, threads: int, stack: ExitStack
+         ) -> int:
     args = study.args
 
     def prepare() -> tuple[dict[str, Any] | None, Path]:
@@ -550,7 +543,7 @@ def _run_in_folder(study: Study, ranks: Ranks, device: torch.device, threads: in
             return None, Path(".")
         record = open_resume(args, study.record_name) if args.resume else None
         out = args.resume or prepare_out(args.out, study.kind, study.record_name)
-        stack.enter_context(run_lock(out))  # held until the study ends
+        stack.enter_context(run_lock(out))
         return record, out
 
     record, out = _on_every_rank(ranks, prepare)
