@@ -521,13 +521,13 @@ def run_study(study: Study) -> int:
 def _on_every_rank(ranks: Ranks, step: Callable[[], Any]) -> Any:
     """Run ``step``; under torchrun, a failure on any rank stops every rank with it."""
     try:
-        result = step()
-    except (UsageError, DataError, CheckpointError, ValueError) as exc:
-        failure = error_line(UsageError(str(exc)) if isinstance(exc, ValueError) else exc)
-        if ranks.distributed:
-            distributed.agree(failure)
-        if isinstance(exc, ValueError):
+        try:
+            result = step()
+        except ValueError as exc:  # an impossible setting, found once the data is known
             raise UsageError(str(exc)) from None
+    except (UsageError, DataError, CheckpointError) as exc:
+        if ranks.distributed:
+            distributed.agree(error_line(exc))
         raise
     if ranks.distributed:
         distributed.agree(None)
