@@ -352,7 +352,7 @@ def test_jobs_give_the_numbers_of_the_same_runs_one_after_another(tmp_path):
 def test_sweep_runs_under_torchrun_and_as_jobs(tmp_path):
     env = _env(tmp_path)
     grid = ["sweep", "--variants", "bn", "gn", "--batch-sizes", "8", "16", "--seeds", "1",
-            "--samples", "256", "--no-progress"]
+            "--samples", "256", "--epochs", "1", "--no-progress"]
     run([*grid, "--out", str(tmp_path / "ddp")], env, nproc=2)
     run([*grid, "--out", str(tmp_path / "jobs"), "--jobs", "2"], env)
     run([*grid, "--out", str(tmp_path / "serial"), "--threads", "1"], env)

@@ -9,12 +9,13 @@ from normlab import data as D
 from normlab.cli import main
 from normlab.engine import Misclassified
 from normlab.plots import plot_misclassified, plot_sweep
+from normlab.report import render_sweep_report
 from normlab.sweep import error_table, scaled_lr
 
 
 def _sweep(folder, out, *extra):
     return main(["sweep", "--variants", "bn", "gn", "--batch-sizes", "4", "16", "--samples", "64",
-                 "--seeds", "1", "2", "--data-dir", str(folder), "--out", str(out),
+                 "--epochs", "1", "--seeds", "1", "2", "--data-dir", str(folder), "--out", str(out),
                  "--no-progress", "--device", "cpu", *extra])
 
 
@@ -66,6 +67,28 @@ def test_sweep_refuses_an_existing_sweep_folder(tiny_mnist, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         _sweep(folder, out)
     assert exit_.value.code == 2 and "already holds a run (sweep.json)" in capsys.readouterr().err
+
+
+def _record(*runs):
+    """A sweep.json with the given (variant, batch size, seed, accuracy) runs."""
+    config = dict(dataset="mnist", epochs=2, train_images=60000, test_images=10000, lr=0.05,
+                  seeds=[1], samples=None)
+    environment = dict(git_revision="abc", cpu="cpu", cpu_count=2, torch_threads=2,
+                       device="cpu", normlab="0", python="3", torch="2")
+    return dict(config=config, environment=environment, command="normlab sweep",
+                runs={f"{v}/bs{b}/seed{s}": dict(variant=v, batch_size=b, seed=s, test_acc=acc,
+                                                  test_error=100 - acc, wall_time_s=1.0)
+                      for v, b, s, acc in runs})
+
+
+def test_sweep_report_checks_that_batch_128_trained_properly():
+    ok = _record(("bn", 128, 1, 99.3), ("gn", 128, 1, 98.9), ("gn", 2, 1, 90.0))
+    text = render_sweep_report(ok, error_table(ok))
+    assert "every run reached at least 98.5% (lowest: gn seed 1, 98.90%)" in text
+    assert "all 60,000 training images" in text
+    bad = _record(("bn", 128, 1, 99.3), ("gn", 128, 1, 97.9))
+    text = render_sweep_report(bad, error_table(bad))
+    assert "**Sanity check failed**: at batch 128, gn seed 1 reached 97.90%" in text
 
 
 def test_error_table_groups_seeds_and_skips_failed_runs():

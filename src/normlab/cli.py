@@ -24,10 +24,9 @@ from .engine import DEFAULTS, PRECISIONS, STUDY_VARIANTS, VARIANTS
 from .model import count_parameters
 from .report import git_revision
 from .study import Study, Sweep, UsageError, build_models, error_line, redraw, run_study
-from .sweep import DEFAULT_BATCH_SIZES
+from .sweep import DEFAULT_BATCH_SIZES, DEFAULT_EPOCHS
 
 SWEEP_VARIANTS = ("bn", "gn", "ln")
-SWEEP_SAMPLES = 20000
 
 
 def positive_int(text: str) -> int:
@@ -128,17 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("sweep", help="train variants across batch sizes (where BN breaks down)",
-                       description="Train each variant at each batch size on the same number "
-                       "of images, peak learning rate scaled linearly with the batch size; "
-                       "write sweep.json, sweep.png and report.md into --out.")
+                       description="Train each variant at each batch size for the same number "
+                       "of epochs over the training set, peak learning rate scaled linearly "
+                       "with the batch size (one-cycle, with warm-up); write sweep.json, "
+                       "sweep.png and report.md into --out.")
     _add_model_options(p, SWEEP_VARIANTS)
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", metavar="B",
                    default=list(DEFAULT_BATCH_SIZES))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="SEED")
-    p.add_argument("--samples", type=positive_int, default=SWEEP_SAMPLES, metavar="N",
-                   help="train on the first N training images (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=1,
-                   help="epochs over those images (default: %(default)s)")
+    p.add_argument("--samples", type=positive_int, metavar="N",
+                   help="train on the first N training images only (default: all)")
+    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
+                   help="epochs over the training images, the same at every batch size "
+                   "(default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
                    help="peak learning rate at batch 128, scaled linearly for other sizes "
                    "(default: %(default)s)")

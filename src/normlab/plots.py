@@ -100,10 +100,12 @@ def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
 
 
 def plot_sweep(errors: Mapping[str, Mapping[int, Sequence[float]]], title: str,
-               path: str | Path | None = None) -> Figure:
+               path: str | Path | None = None, note: str = "",
+               xlabel: str = "batch size (images per step, log scale)") -> Figure:
     """Test error vs batch size (log scale), one line per variant: mean over seeds, with the
-    lowest-to-highest seed as a band when there are several."""
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    lowest-to-highest seed as a band when there are several. ``note`` (what was held fixed)
+    goes under the axes in small print, so the title stays short enough to fit."""
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
     for label, by_batch in errors.items():
         sizes = np.array(sorted(by_batch))
@@ -120,10 +122,11 @@ def plot_sweep(errors: Mapping[str, Mapping[int, Sequence[float]]], title: str,
     ax.set_yscale("log")
     ax.get_yaxis().set_major_formatter("{x:g}")
     ax.get_yaxis().set_minor_formatter("{x:g}")
-    ax.set(xlabel="batch size (images per step, log scale)",
-           ylabel="test error (%, log scale)", title=title)
+    ax.set(xlabel=xlabel, ylabel="test error (%, log scale)", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    if note:
+        fig.supxlabel(note, fontsize=8, color="dimgray")
     if path is not None:
         save_figure(fig, path, dpi=110)
     return fig

@@ -224,20 +224,46 @@ def render_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SANITY_ACC = 98.5  # every variant must reach this at batch 128, or the sweep under-trains
+
+
+def _sanity_lines(results: dict[str, Any]) -> list[str]:
+    """Whether every variant trained properly at the reference batch of 128 (the batch the
+    20-epoch comparison uses): a sweep whose large batches are starved of steps measures
+    under-training, not normalization."""
+    at_128 = [r for r in results["runs"].values() if r.get("batch_size") == 128]
+    if not at_128:
+        return []
+    worst = min(at_128, key=lambda r: r.get("test_acc", -1.0))
+    if any("failed" in r for r in at_128) or worst["test_acc"] < SANITY_ACC:
+        return [f"**Sanity check failed**: at batch 128, {worst['variant']} seed "
+                f"{worst['seed']} reached {worst.get('test_acc', float('nan')):.2f}% "
+                f"(< {SANITY_ACC}%): this protocol under-trains; use more --epochs.", ""]
+    return [f"Sanity check: at batch 128 every run reached at least {SANITY_ACC}% "
+            f"(lowest: {worst['variant']} seed {worst['seed']}, {worst['test_acc']:.2f}%).", ""]
+
+
 def render_sweep_report(results: dict[str, Any], errors: dict[str, dict[int, list[float]]]
                         ) -> str:
     """report.md for a batch-size sweep: the protocol, the error table and provenance."""
     cfg, env = results["config"], results["environment"]
     sizes = sorted({b for by_batch in errors.values() for b in by_batch})
     seeds = len(cfg["seeds"])
+    images = (f"all {cfg['train_images']:,}" if not cfg.get("samples")
+              else f"the first {cfg['train_images']:,}")
     lines = [
         "# normlab batch-size sweep",
         "",
         f"Test error (%) on the full {cfg['dataset']} test set after {cfg['epochs']} epoch(s) "
-        f"over the first {cfg['train_images']:,} training images, for each batch size; the "
-        f"peak learning rate is {cfg['lr']} × batch / 128 (linear scaling), one-cycle schedule; "
+        f"over {images} training images at every batch size (a batch of b takes 128 / b times "
+        f"the steps of a batch of 128); the peak learning rate is {cfg['lr']} × batch / 128 "
+        f"(linear scaling) under a one-cycle schedule whose first 30% is a linear warm-up; "
+        f"Batch Norm's statistics are over the whole batch; "
         f"{'mean (min–max) over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}.",
         "",
+    ]
+    lines += _sanity_lines(results)
+    lines += [
         "| variant | " + " | ".join(f"batch {b}" for b in sizes) + " |",
         "| --- |" + " ---: |" * len(sizes),
     ]

@@ -440,8 +440,10 @@ class Sweep(Study):
 
     def runs(self) -> list[Run]:
         a = self.args
+        # Smallest batches first: they take the most steps, and --jobs finishes soonest when
+        # the longest runs start first.
         return [Run(v, s, b, scaled_lr(a.lr, b), run_key(v, b, s), f"{v} bs={b}")
-                for s in a.seeds for v in a.variants for b in a.batch_sizes]
+                for b in sorted(a.batch_sizes) for s in a.seeds for v in a.variants]
 
     def load(self) -> Data:
         return load_data(self.args.data_dir, self.args.dataset, self.args.samples)
@@ -649,8 +651,12 @@ def finish_sweep(out: Path, results: dict[str, Any]) -> None:
               for v, by_batch in error_table(results).items()}
     cfg = results["config"]
     seeds = f"; mean of {len(cfg['seeds'])} seeds, band min–max" if len(cfg["seeds"]) > 1 else ""
-    plot_sweep(errors, f"Test error vs batch size on {cfg['dataset']}, "
-               f"{cfg['train_images']:,} images per run{seeds}", out / "sweep.png")
+    plot_sweep(errors, f"Test error vs batch size ({cfg['dataset']})",
+               out / "sweep.png",
+               note=f"{cfg['epochs']} epoch(s) over {cfg['train_images']:,} images at every "
+               f"batch size; peak lr {cfg['lr']} × batch / 128, one-cycle with warm-up;\n"
+               f"Batch Norm's statistics over the whole batch; eval on {cfg['test_images']:,} "
+               f"test images{seeds}")
     report = render_sweep_report(results, errors)
     atomic_write(out / "report.md", report)
     print("\n".join(line for line in report.splitlines() if line.startswith("|")))
