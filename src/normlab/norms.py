@@ -21,7 +21,8 @@ and its state_dict keys, so their weights load into one another.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -246,3 +247,44 @@ def _replacement(old: nn.Module, norm: str, num_groups: int, virtual_batches: in
             for key in ("running_mean", "running_var", "num_batches_tracked"):
                 getattr(new, key).copy_(getattr(old, key))
     return new
+
+
+@torch.no_grad()
+def statistics_seen(model: nn.Module, batches: Iterable[torch.Tensor], images_per_statistic: int
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+    """What each Batch Norm layer of ``model`` normalises with in training, and at test time.
+
+    ``model`` runs in training mode on a copy (so its running statistics are not touched) on
+    every batch; for each Batch Norm layer this records the per-channel mean and (biased)
+    variance of the first ``images_per_statistic`` images of the batch -- the first part, as
+    ``virtual_batches`` or a device would cut it -- and returns, per layer name,
+    ``mean`` and ``var`` (batches x channels) with the model's own ``running_mean`` and
+    ``running_var`` (channels), which eval mode uses instead. Why small-batch Batch Norm
+    fails shows in the gap between the two.
+    """
+    clone = copy.deepcopy(model).train()
+    seen: dict[str, dict[str, list[torch.Tensor]]] = {}
+    hooks = []
+    for name, layer in clone.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            seen[name] = {"mean": [], "var": []}
+
+            def record(_layer: nn.Module, inputs: tuple[torch.Tensor], name: str = name) -> None:
+                part = inputs[0][:images_per_statistic].float()
+                var, mean = torch.var_mean(part, dim=(0, 2, 3), correction=0)
+                seen[name]["mean"].append(mean)
+                seen[name]["var"].append(var)
+
+            hooks.append(layer.register_forward_pre_hook(record))
+    try:
+        for x in batches:
+            clone(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = dict(model.named_modules())
+    return {name: {"mean": torch.stack(s["mean"]).cpu(), "var": torch.stack(s["var"]).cpu(),
+                   "running_mean": layers[name].running_mean.detach().float().cpu(),
+                   "running_var": layers[name].running_var.detach().float().cpu()}
+            for name, s in seen.items()}
+

@@ -137,3 +137,90 @@ def save_figure(fig: Figure, path: str | Path, dpi: int) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write(path, buffer.getvalue())
+
+
+def plot_statistics(bn: Mapping[int, Sequence[float]],
+                    references: Mapping[str, Sequence[float]],
+                    points: Sequence[tuple[str, int, Sequence[float]]], title: str,
+                    note: str = "", path: str | Path | None = None) -> Figure:
+    """Test error vs images per Batch Norm statistic (log-log): Batch Norm as a line over
+    the sizes (mean, band min–max over seeds); the references (Group / Layer Norm, whose
+    computation does not depend on the grouping) as flat lines with their seed bands; and
+    separate ``points`` (label, images per statistic, errors), e.g. the multi-process runs."""
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    sizes = np.array(sorted(bn))
+    values = [np.asarray(bn[b], dtype=float) for b in sizes]
+    (line,) = ax.plot(sizes, [v.mean() for v in values], marker="o", color="C0",
+                      label="Batch Norm, one process (--virtual-batch-size)")
+    ax.fill_between(sizes, [v.min() for v in values], [v.max() for v in values], alpha=0.2,
+                    color=line.get_color(), linewidth=0)
+    for i, (label, errors) in enumerate(references.items(), 1):
+        e = np.asarray(errors, dtype=float)
+        ax.axhline(e.mean(), color=f"C{i}", linestyle="--", label=f"{label} (any grouping)")
+        ax.axhspan(e.min(), e.max(), color=f"C{i}", alpha=0.12, linewidth=0)
+    markers = "sD^v"
+    for i, (label, x, errors) in enumerate(points):
+        e = np.asarray(errors, dtype=float)
+        ax.errorbar([x], [e.mean()], yerr=[[e.mean() - e.min()], [e.max() - e.mean()]],
+                    marker=markers[i % len(markers)], markersize=8, linestyle="none", alpha=0.85,
+                    color=f"C{len(references) + 1 + i}", capsize=4, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.get_xaxis().set_major_formatter("{x:.0f}")
+    ax.set_yscale("log")  # from a few tenths of a percent to tens of percent
+    ax.get_yaxis().set_major_formatter("{x:g}")
+    ax.get_yaxis().set_minor_formatter("{x:g}")
+    ax.set(xlabel="images per Batch Norm statistic (log scale)",
+           ylabel="test error (%, log scale)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if note:
+        fig.supxlabel(note, fontsize=8, color="dimgray")
+    if path is not None:
+        save_figure(fig, path, dpi=110)
+    return fig
+
+
+def plot_statistics_seen(seen: Mapping[str, Mapping[str, object]], title: str, note: str = "",
+                         path: str | Path | None = None) -> Figure:
+    """For one Batch Norm channel: histograms of the per-batch mean and variance it was
+    normalised with in training (one row per number of images per statistic), with the
+    running estimate that eval mode uses marked -- the noise and the train/test mismatch."""
+    rows = sorted(seen, key=int)
+    fig = Figure(figsize=(10, 2.6 * len(rows) + 1.2), layout="constrained")
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    # Shared bins per column, so that the rows compare at a glance; variances on a log axis
+    # (with 2 images they span orders of magnitude).
+    means = np.concatenate([np.asarray(seen[r]["mean"]) for r in rows])
+    variances = np.concatenate([np.asarray(seen[r]["var"]) for r in rows])
+    positive = variances[variances > 0]
+    floor = positive.min() if positive.size else 1e-6
+    bins = {"mean": np.linspace(means.min(), means.max(), 41),
+            "var": np.geomspace(floor, max(variances.max(), floor * 10), 41)}
+    for row, ips in zip(axes, rows, strict=True):
+        s = seen[ips]
+        for ax, key, running, what in ((row[0], "mean", s["running_mean"], "mean"),
+                                       (row[1], "var", s["running_var"], "variance")):
+            v = np.clip(np.asarray(s[key], dtype=float), bins[key][0], None)
+            ax.hist(v, bins=bins[key], color="C0", alpha=0.75,
+                    label=f"{len(v)} training batches (spread: std {np.std(v):.3g})")
+            ax.axvline(running, color="C3", linewidth=2,
+                       label=f"running estimate, used at test time: {running:.3g}")
+            ax.axvline(np.mean(v), color="k", linestyle=":",
+                       label=f"average over the batches: {np.mean(v):.3g}")
+            if key == "var":
+                ax.set_xscale("log")
+            ax.set(xlabel=f"per-batch {what} of the channel (log scale)" if key == "var"
+                   else f"per-batch {what} of the channel", ylabel="batches")
+            ax.set_title(f"{ips} images per statistic: {what} "
+                         f"(test error {s['test_error']:.2f}%)", fontsize=10)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.45)  # room for the legend above the bars
+            ax.legend(fontsize=7, loc="upper left")
+            ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    if note:
+        fig.supxlabel(note, fontsize=8, color="dimgray")
+    if path is not None:
+        save_figure(fig, path, dpi=100)
+    return fig

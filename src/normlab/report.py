@@ -300,3 +300,209 @@ def render_sweep_report(results: dict[str, Any], errors: dict[str, dict[int, lis
         "",
     ]
     return "\n".join(lines)
+
+
+# Wu & He (2018), Group Normalization, Table 2 / Figure 1: ImageNet ResNet-50 top-1 error (%)
+# by images per GPU, i.e. per Batch Norm statistic.
+GN_PAPER = {"images": (32, 16, 8, 4, 2), "bn": (23.6, 23.7, 24.8, 27.3, 34.7),
+            "gn": (24.1, 24.2, 24.0, 24.2, 24.1)}
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def statistics_table(results: dict[str, Any]) -> tuple[dict[int, list[float]],
+                                                        dict[str, list[float]]]:
+    """(Batch Norm's test errors by images per statistic, the references' errors by
+    variant), over seeds in run order; failed runs left out (the report lists them)."""
+    bn: dict[int, list[float]] = {}
+    references: dict[str, list[float]] = {}
+    for r in results["runs"].values():
+        if "failed" in r:
+            continue
+        if r.get("images_per_statistic"):
+            bn.setdefault(r["images_per_statistic"], []).append(r["test_error"])
+        else:
+            references.setdefault(r["variant"], []).append(r["test_error"])
+    return dict(sorted(bn.items())), references
+
+
+def render_statistics_report(results: dict[str, Any]) -> str:
+    """report.md for the per-device statistics study."""
+    cfg, env = results["config"], results["environment"]
+    bn, references = statistics_table(results)
+    sizes = list(bn)
+    seeds = cfg["seeds"]
+    over = f"mean (min–max) over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 \
+        else f"seed {seeds[0]}"
+    steps = cfg["epochs"] * -(-cfg["train_images"] // cfg["batch_size"])
+    lines = [
+        "# normlab per-device statistics study",
+        "",
+        f"Everything that matters to optimisation is held fixed: global batch "
+        f"{cfg['batch_size']}, peak learning rate {cfg['lr']} (one-cycle with warm-up), "
+        f"{cfg['epochs']} epoch(s) = {steps:,} steps over {cfg['train_images']:,} "
+        f"{cfg['dataset']} images, the same data order and augmentation for a given seed. "
+        f"Only the number of images each Batch Norm statistic is computed over changes "
+        f"(`--virtual-batch-size`: each batch cut into parts as that many devices would cut "
+        f"it). Group and Layer Norm normalise every image on its own, so their result does "
+        f"not depend on the grouping: they are trained once per seed as references. "
+        f"Test error (%) on all {cfg['test_images']:,} test images, {over}.",
+        "",
+        "| images per statistic | " + " | ".join(map(str, sizes)) + " |",
+        "| --- |" + " ---: |" * len(sizes),
+        "| Batch Norm (bn) | " + " | ".join(_cell(bn[b]) for b in sizes) + " |",
+    ]
+    for v, errors in references.items():
+        lines.append(f"| {_LABELS.get(v, v)} ({v}), any grouping | "
+                     + " | ".join(_cell(errors) for _ in sizes) + " |")
+    failed = [r for r in results["runs"].values() if "failed" in r]
+    lines += [f"- failed: {r['variant']}, {r.get('images_per_statistic') or 'any'} images per "
+              f"statistic, seed {r['seed']}: {r['failed']}" for r in failed]
+    lines += ["", "![test error vs images per statistic](statistics.png)", ""]
+    lines += _two_process_lines(results, bn)
+    lines += _paper_lines(bn, references)
+    lines += _seen_lines(results)
+    config = ", ".join(f"{k}={v}" for k, v in cfg.items())
+    lines += [
+        "## Every run",
+        "",
+        "| variant | images per statistic | seed | test error | test loss | train loss | time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {r['variant']} | {r.get('images_per_statistic') or 'any'} | {r['seed']} | "
+          + (f"failed: {r['failed']} | | | |" if "failed" in r else
+             f"{r['test_error']:.2f}% | {r['test_loss']:.4f} | {r['train_loss']:.4f} | "
+             f"{r['wall_time_s']:.0f} s |")
+          for r in results["runs"].values()),
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+        f"- configuration: {config}",
+        f"- git revision: `{env['git_revision']}`",
+        f"- machine: {env['cpu']} ({env['cpu_count']} CPUs), device `{env['device']}`",
+        f"- parallelism: {parallel_line(results)}",
+        f"- versions: normlab {env['normlab']}, Python {env['python']}, torch {env['torch']}",
+        f"- started {results['started']}; training time {_training_time(results)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _training_time(results: dict[str, Any]) -> str:
+    one = sum(r["wall_time_s"] for r in results["runs"].values())
+    two = results.get("two_processes")
+    if not two:
+        return f"{one:.0f} s"
+    more = sum(s["wall_time_s"] for v in two["runs"].values() for s in v.values())
+    return f"{one:.0f} s in one process, {more:.0f} s on {two['processes']} processes"
+
+
+_LABELS = {"bn": "Batch Norm", "gn": "Group Norm", "ln": "Layer Norm",
+           "sbn": "Synchronized Batch Norm"}
+
+
+def _two_process_lines(results: dict[str, Any], bn: dict[int, list[float]]) -> list[str]:
+    """The torchrun runs next to the one-process runs that compute the same statistics."""
+    two = results.get("two_processes")
+    if not two:
+        return []
+    seeds = [str(s) for s in results["config"]["seeds"]]
+    one = {r["images_per_statistic"]: {} for r in results["runs"].values()
+           if r.get("images_per_statistic")}
+    for r in results["runs"].values():
+        if r.get("images_per_statistic") and "failed" not in r:
+            one[r["images_per_statistic"]][str(r["seed"])] = r["test_error"]
+    p = two["processes"]
+    lines = [
+        f"## On {p} processes (torchrun, gloo)",
+        "",
+        f"The same runs data-parallel over {p} processes ({two['folder']}/, a `normlab "
+        f"compare`): plain Batch Norm normalises over each process's "
+        f"{two['images_per_statistic']['bn']} images, synchronized Batch Norm over all "
+        f"{two['images_per_statistic']['sbn']}. Each should equal the one-process run with "
+        f"the same images per statistic: in exact arithmetic they are the same computation "
+        f"(the float64 tests in tests/test_distributed.py agree to 1e-15); in float32 the two "
+        f"orders of summation round differently, and those differences grow over thousands "
+        f"of steps, so per seed they agree only to within seed-to-seed noise.",
+        "",
+        "| run | images per statistic | test error | one process, same statistics | "
+        "per-seed difference (points) |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for name in ("sbn", "bn"):
+        runs = two["runs"].get(name, {})
+        ips = two["images_per_statistic"][name]
+        mine = [runs[s]["test_error"] for s in seeds if s in runs]
+        match = one.get(ips, {})
+        diffs = ", ".join(f"{runs[s]['test_error'] - match[s]:+.2f}" for s in seeds
+                          if s in runs and s in match)
+        lines.append(f"| {name} on {p} processes | {ips}{' per process' if name == 'bn' else ''}"
+                     f" | {_cell(mine)} | {_cell(list(match.values()))} | {diffs or '–'} |")
+    return [*lines, ""]
+
+
+def _paper_lines(bn: dict[int, list[float]], references: dict[str, list[float]]) -> list[str]:
+    sizes = GN_PAPER["images"]
+    gn = references.get("gn", [])
+    return [
+        "## Next to the Group Norm paper",
+        "",
+        "Wu & He (2018), Table 2 / Figure 1: ImageNet top-1 error (%) of ResNet-50 by images "
+        "per GPU (= per Batch Norm statistic), against this study's MNIST test error (%). "
+        "The scales differ by two orders of magnitude; compare the shapes.",
+        "",
+        "| images per statistic | " + " | ".join(map(str, sizes)) + " |",
+        "| --- |" + " ---: |" * len(sizes),
+        "| BN, ImageNet (paper) | " + " | ".join(f"{e}" for e in GN_PAPER["bn"]) + " |",
+        "| GN, ImageNet (paper) | " + " | ".join(f"{e}" for e in GN_PAPER["gn"]) + " |",
+        "| BN, MNIST (here) | " + " | ".join(f"{np.mean(bn[b]):.2f}" if b in bn else "–"
+                                            for b in sizes) + " |",
+        "| GN, MNIST (here) | " + " | ".join(f"{np.mean(gn):.2f}" if gn else "–"
+                                            for _ in sizes) + " |",
+        "",
+    ]
+
+
+def _seen_lines(results: dict[str, Any]) -> list[str]:
+    seen = results.get("bn_statistics")
+    if not seen or not seen.get("by_images"):
+        return []
+    by = seen["by_images"]
+    sizes = sorted(by, key=int)
+    lines = [
+        "## Why: what Batch Norm normalises with in training, and at test time",
+        "",
+        f"The seed-{seen['seed']} Batch Norm models, in training mode, on "
+        f"{seen['batches']} training batches: the mean and variance that channel "
+        f"{seen['channel']} of the last Batch Norm layer ({seen['layer']}) normalises "
+        f"with, computed over the first {' or '.join(sizes)} images of each batch, against "
+        f"the running estimates that the same layer uses at test time.",
+        "",
+        "![per-batch statistics vs running estimates](bn_statistics.png)",
+        "",
+        "Every Batch Norm layer, medians over its channels: the spread of a batch's mean "
+        "(in running standard deviations) and variance (as a fraction of the running "
+        "variance) from batch to batch, and the average batch variance over the running "
+        "variance (1 = training and test normalise alike).",
+        "",
+        "| layer | " + " | ".join(f"mean spread, {s} images | variance spread, {s} | "
+                                   f"variance ratio, {s}" for s in sizes) + " |",
+        "| --- |" + " ---: |" * (3 * len(sizes)),
+    ]
+    for layer in by[sizes[0]]["layers"]:
+        cells = []
+        for s in sizes:
+            x = by[s]["layers"][layer]
+            cells += [f"{x['mean_noise']:.3f}", f"{x['var_noise']:.3f}", f"{x['var_ratio']:.3f}"]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+

@@ -1,7 +1,8 @@
 """The study runner: a list of training runs, executed one after another, N at a time in
 separate processes (``--jobs``), or each across K data-parallel processes (torchrun).
 
-``compare`` and ``sweep`` differ only in which runs they list and what they keep of each;
+``compare``, ``sweep`` and ``statistics`` differ only in which runs they list, what they keep
+of each and what they draw (``statistics`` also launches its torchrun part at the end);
 everything else is shared here: the output folder and its lock, resuming, the record file
 rewritten after every finished run, checkpoints after every epoch, and which process may
 write (rank 0 under torchrun; the parent for ``--jobs``, whose workers write only their own
@@ -17,6 +18,7 @@ import multiprocessing
 import os
 import shlex
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -24,6 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_write,
     disk_full,
+    load_model,
     save_model,
     write_json,
 )
@@ -51,14 +55,23 @@ from .engine import (
     train_model,
 )
 from .model import Net, count_parameters
-from .plots import plot_curves, plot_misclassified, plot_sweep
+from .norms import statistics_seen
+from .plots import (
+    plot_curves,
+    plot_misclassified,
+    plot_statistics,
+    plot_statistics_seen,
+    plot_sweep,
+)
 from .report import (
     environment,
     failed_runs,
     final_accuracies,
     good_runs,
     render_report,
+    render_statistics_report,
     render_sweep_report,
+    statistics_table,
 )
 from .stats import t_interval
 from .sweep import error_table, run_key, scaled_lr
@@ -108,13 +121,14 @@ class Run:
     lr: float
     key: str  # the record's key and the stem of its checkpoint (and weights) file
     label: str  # what the epoch lines call it
+    virtual_batch_size: int | None = None  # this run's images per Batch Norm statistic
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything a run needs besides its data and device; picklable for --jobs workers."""
 
-    kind: str  # "compare" or "sweep"
+    kind: str  # "compare", "sweep" or "statistics"
     out: Path
     epochs: int
     lambda_l1: float
@@ -161,22 +175,32 @@ def execute(run: Run, s: Settings, data: Data, device: torch.device) -> dict[str
             seed=run.seed, batch_size=run.batch_size, lr=run.lr, device=device, data=data,
             name=run.label, progress=s.progress, on_epoch=log,
             checkpoint=checkpoint_of(s.out, run), precision=s.precision,
-            virtual_batch_size=s.virtual_batch_size if variant.norm == "batch" else None)
+            virtual_batch_size=(run.virtual_batch_size or s.virtual_batch_size)
+            if variant.norm == "batch" else None)
     except TrainingDiverged as exc:
         if s.writes:
             print(f"normlab {s.kind}: error: {exc}; carrying on with the other runs",
                   file=sys.stderr)
         failed = {"seed": run.seed, "failed": str(exc)}
-        return failed if s.kind == "compare" else {**_sweep_fields(run, s, data), **failed,
+        return failed if s.kind == "compare" else {**_grid_fields(run, s, data), **failed,
                                                    "wall_time_s": 0.0}
     finally:
         if board is not None:
             board.close()
-    if s.kind == "sweep":
-        return {**_sweep_fields(run, s, data), "test_acc": history["test_acc"][-1],
-                "test_error": 100.0 - history["test_acc"][-1],
-                "test_loss": history["test_loss"][-1], "train_loss": history["train_loss"][-1],
-                "wall_time_s": sum(history["epoch_time"])}
+    if s.kind != "compare":  # a sweep's or statistics study's point: its final numbers
+        result = {**_grid_fields(run, s, data), "test_acc": history["test_acc"][-1],
+                  "test_error": 100.0 - history["test_acc"][-1],
+                  "test_loss": history["test_loss"][-1],
+                  "train_loss": history["train_loss"][-1],
+                  "wall_time_s": sum(history["epoch_time"])}
+        if s.kind == "statistics":  # the curves, and the first seed's weights for the figure
+            result["history"] = history
+            if s.writes and run.seed == s.first_seed:
+                save_model(model, s.out / (run.key.replace("/", "_") + WEIGHTS_SUFFIX),
+                           variant=run.variant, seed=run.seed, test_acc=result["test_acc"],
+                           images_per_statistic=result["images_per_statistic"],
+                           git_revision=s.revision)
+        return result
     record: dict[str, Any] = dict(seed=run.seed, wall_time_s=sum(history["epoch_time"]),
                                   history=history)
     if s.writes:
@@ -203,9 +227,13 @@ def _board(s: Settings, run: Run):
     return SummaryWriter(log_dir=str(s.tensorboard / run.key.replace("/", "_")))
 
 
-def _sweep_fields(run: Run, s: Settings, data: Data) -> dict[str, Any]:
-    return dict(variant=run.variant, batch_size=run.batch_size, seed=run.seed, lr=run.lr,
-                steps=s.epochs * -(-len(data.train_labels) // run.batch_size))
+def _grid_fields(run: Run, s: Settings, data: Data) -> dict[str, Any]:
+    fields = dict(variant=run.variant, batch_size=run.batch_size, seed=run.seed, lr=run.lr,
+                  steps=s.epochs * -(-len(data.train_labels) // run.batch_size))
+    if s.kind == "statistics":  # None for the norms without batch statistics
+        fields["images_per_statistic"] = (run.virtual_batch_size or run.batch_size
+                                          if VARIANTS[run.variant].norm == "batch" else None)
+    return fields
 
 
 # -- --jobs: independent runs in worker processes
@@ -427,6 +455,10 @@ class Study:
                 f"{len(data.train_labels):,} {a.dataset} images, evaluated on the "
                 f"{data.eval_split} set, device {device}; {verb} {out}")
 
+    def after(self, out: Path, record: dict[str, Any], data: Data, device: torch.device
+              ) -> None:
+        """Work on the finished runs before the report (rank 0 only); none for compare."""
+
     def finish(self, out: Path, record: dict[str, Any]) -> None:
         finish(out, record)
 
@@ -481,9 +513,178 @@ class Sweep(Study):
         return 0
 
 
+class Statistics(Sweep):
+    """The per-device statistics study: one optimiser setting (global batch, learning rate,
+    schedule, steps, data order), and Batch Norm's statistics computed over 2 ... 128 of the
+    batch's images (``--virtual-batch-size``), with Group and Layer Norm, which do not depend
+    on the grouping, as references. Then the same under torchrun on 2 processes: plain Batch
+    Norm (statistics per device) and synchronized Batch Norm (over the global batch)."""
+
+    kind = "statistics"
+    record_name = "statistics.json"
+    references = ("gn", "ln")
+
+    def runs(self) -> list[Run]:
+        a = self.args
+        runs = []
+        for seed in a.seeds:
+            for ips in a.images_per_statistic:
+                runs.append(Run("bn", seed, a.batch_size, a.lr, f"bn/ips{ips}/seed{seed}",
+                                f"bn {ips}/statistic",
+                                virtual_batch_size=ips if ips < a.batch_size else None))
+            runs += [Run(v, seed, a.batch_size, a.lr, f"{v}/seed{seed}", v)
+                     for v in self.references]
+        return runs
+
+    def load(self) -> Data:
+        a = self.args
+        return load_data(a.data_dir, a.dataset, a.limit_train)
+
+    def new_record(self, data: Data) -> dict[str, Any]:
+        a = self.args
+        return {"config": dict(variants=["bn", *self.references],
+                               images_per_statistic=a.images_per_statistic, seeds=a.seeds,
+                               epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                               lambda_l1=0.0, num_groups=a.num_groups, dataset=a.dataset,
+                               limit_train=a.limit_train, processes=a.processes,
+                               precision=a.precision, train_images=len(data.train_labels),
+                               test_images=len(data.test_labels)),
+                "runs": {}}
+
+    def announce(self, data: Data, device: torch.device, verb: str, out: Path) -> str:
+        a = self.args
+        total = len(self.runs())
+        two = (f", then sbn and bn on {a.processes} processes (torchrun)"
+               if a.processes > 1 else "")
+        return (f"normlab statistics: Batch Norm over {' '.join(map(str, a.images_per_statistic))} "
+                f"images per statistic and {' '.join(self.references)} x {len(a.seeds)} "
+                f"seed(s) = {total} runs of {a.epochs} epoch(s), global batch {a.batch_size}, "
+                f"on {len(data.train_labels):,} {a.dataset} images, device {device}{two}; "
+                f"{verb} {out}")
+
+    def after(self, out: Path, record: dict[str, Any], data: Data, device: torch.device
+              ) -> None:
+        a = self.args
+        if a.processes > 1:
+            record["two_processes"] = self._two_processes(out, data)
+            write_json(out / self.record_name, record)
+        if "bn_statistics" not in record:
+            record["bn_statistics"] = self._statistics_seen(out, record, data, device)
+            write_json(out / self.record_name, record)
+
+    def _two_processes(self, out: Path, data: Data) -> dict[str, Any]:
+        """Train sbn and bn with ``torchrun --nproc-per-node P`` (a compare in out/two-processes,
+        resumed if it was interrupted) and return what the statistics report needs of it."""
+        a, part = self.args, out / TWO_PROCESSES
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc-per-node", str(a.processes), "-m", "normlab", "compare"]
+        data_dir = ["--data-dir", str(a.data_dir)] if a.data_dir else []
+        if (part / "metrics.json").exists():
+            args = ["--resume", str(part), *data_dir]
+        else:
+            args = ["--variants", "sbn", "bn", "--seeds", *map(str, a.seeds),
+                    "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
+                    "--lr", str(a.lr), "--num-groups", str(a.num_groups),
+                    "--dataset", a.dataset, "--precision", a.precision,
+                    "--device", "cpu", "--no-progress", "--out", str(part), *data_dir,
+                    *(["--limit-train", str(a.limit_train)] if a.limit_train else [])]
+        metrics = json.loads((part / "metrics.json").read_text()) if args[0] == "--resume" \
+            else None
+        if metrics is None or not _complete(metrics, a.seeds):
+            print(f"normlab statistics: sbn and bn on {a.processes} processes: "
+                  f"torchrun ... compare {shlex.join(args)}", flush=True)
+            code = _wait(subprocess.Popen([*launch, *args]))
+            if code != 0:
+                raise WorkerDied(f"the {a.processes}-process part (torchrun, in {part}) "
+                                 f"failed with exit code {code}, its error is above; the "
+                                 f"finished runs are saved: resume with normlab statistics "
+                                 f"--resume {out}")
+            metrics = json.loads((part / "metrics.json").read_text())
+        per_device = a.batch_size // a.processes
+        return {"folder": TWO_PROCESSES, "command": metrics["command"],
+                "processes": a.processes,
+                "images_per_statistic": {"sbn": a.batch_size, "bn": per_device},
+                "runs": {name: {str(r["seed"]): {"test_acc": r["history"]["test_acc"][-1],
+                                                 "test_error": 100 - r["history"]["test_acc"][-1],
+                                                 "wall_time_s": r["wall_time_s"]}
+                                for r in good_runs(v)}
+                         for name, v in metrics["variants"].items()}}
+
+    def _statistics_seen(self, out: Path, record: dict[str, Any], data: Data,
+                         device: torch.device) -> dict[str, Any]:
+        """For the first seed's Batch Norm models at the fewest and the most images per
+        statistic: what each Batch Norm layer normalised with over STATISTICS_BATCHES
+        training batches, against the running estimates it uses at test time. Kept in full
+        for channel 0 of the last layer (the figure), summarised for every layer."""
+        a = self.args
+        seed = a.seeds[0]
+        seen: dict[str, Any] = {"seed": seed, "channel": 0, "by_images": {}}
+        for ips in sorted({min(a.images_per_statistic), max(a.images_per_statistic)}):
+            weights = out / f"bn_ips{ips}_seed{seed}{WEIGHTS_SUFFIX}"
+            result = record["runs"].get(f"bn/ips{ips}/seed{seed}", {})
+            if not weights.exists() or "failed" in result:
+                continue
+            model = load_model(weights, device)
+            train_loader, _ = make_loaders(data, a.batch_size, seed, device)
+            batches = [x for x, _ in islice(train_loader, STATISTICS_BATCHES)
+                       if len(x) == a.batch_size]
+            stats = statistics_seen(model, batches, ips)
+            names = {name: f"after {model.architecture[int(name.split('.')[1])][0]}"
+                     for name in stats}
+            last = stats[list(stats)[-1]]
+            seen.update(batches=len(batches), layer=names[list(stats)[-1]])
+            seen["by_images"][str(ips)] = {
+                "test_error": result["test_error"],
+                "mean": last["mean"][:, 0].tolist(), "var": last["var"][:, 0].tolist(),
+                "running_mean": float(last["running_mean"][0]),
+                "running_var": float(last["running_var"][0]),
+                # Per layer, medians over its channels: how far one batch's statistics stray
+                # from the running ones (standard deviation over batches, in running standard
+                # deviations for the mean and as a fraction of the running variance), and the
+                # average batch variance over the running variance (1: no train/test shift).
+                "layers": {names[name]: {
+                    "mean_noise": float((st["mean"].std(0) / st["running_var"].sqrt()).median()),
+                    "var_noise": float((st["var"].std(0) / st["running_var"]).median()),
+                    "var_ratio": float((st["var"].mean(0) / st["running_var"]).median())}
+                    for name, st in stats.items()}}
+        return seen
+
+    def finish(self, out: Path, record: dict[str, Any]) -> None:
+        finish_statistics(out, record)
+
+    def exit_code(self, record: dict[str, Any]) -> int:
+        return 0
+
+
+TWO_PROCESSES = "two-processes"
+STATISTICS_BATCHES = 300  # "a few hundred training batches" for the statistics figure
+
+
+def _complete(metrics: dict[str, Any], seeds: list[int]) -> bool:
+    """Whether a compare record holds a finished run of every variant for every seed."""
+    return all({r["seed"] for r in v.get("runs", [])} >= set(seeds)
+               for v in metrics["variants"].values()) and len(metrics["variants"]) == 2
+
+
+def _wait(process: subprocess.Popen) -> int:
+    """Wait for a child; on Ctrl-C (which reaches it too) give it a minute to save its
+    epoch and stop before it is terminated."""
+    try:
+        return process.wait()
+    except BaseException:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait()
+        raise
+
+
 def _outcome(study: Study, result: dict[str, Any]) -> str:
     if "failed" in result:
         return f"failed: {result['failed']}"
+    if study.kind == "statistics":
+        return (f"test error {result['test_error']:5.2f}%  {result['wall_time_s']:5.1f}s")
     if study.kind == "sweep":
         return (f"lr {result['lr']:.5f}  {result['steps']:6d} steps  test error "
                 f"{result['test_error']:5.2f}%  {result['wall_time_s']:5.1f}s")
@@ -591,7 +792,7 @@ def _run(study: Study, ranks: Ranks, device: torch.device, threads: int, stack: 
         study.keep(record, run, result)
         write_json(out / study.record_name, record)  # finished runs survive what follows
         checkpoint_of(out, run).unlink(missing_ok=True)
-        if args.jobs > 1 or study.kind == "sweep":
+        if args.jobs > 1 or study.kind != "compare":
             tqdm.write(f"[{count['done']}/{len(runs)}] {run.label} seed {run.seed}  "
                        f"{_outcome(study, result)}")
 
@@ -611,6 +812,7 @@ def _run(study: Study, ranks: Ranks, device: torch.device, threads: int, stack: 
     if ranks.leader:
         if not any((out / "checkpoints").iterdir()):
             (out / "checkpoints").rmdir()
+        study.after(out, record, data, device)
         study.finish(out, record)
     return study.exit_code(record)
 
@@ -635,11 +837,11 @@ def _load_and_check(study: Study, record: dict[str, Any] | None, ranks: Ranks) -
                          f"{ranks.world_size}; resume it the same way: {launch} "
                          f"{study.kind} --resume {args.out}")
     data = study.load()
-    sizes = [r.batch_size for r in study.runs()]
-    for batch in sorted(set(sizes)):
-        check_split(len(data.train_labels), batch, ranks.world_size,
-                    args.virtual_batch_size if any(VARIANTS[v].norm == "batch"
-                                                   for v in args.variants) else None)
+    splits = {(r.batch_size, r.virtual_batch_size or args.virtual_batch_size)
+              if VARIANTS[r.variant].norm == "batch" else (r.batch_size, None)
+              for r in study.runs()}
+    for batch, virtual in sorted(splits, key=str):
+        check_split(len(data.train_labels), batch, ranks.world_size, virtual)
     return data
 
 
@@ -660,6 +862,41 @@ def finish_sweep(out: Path, results: dict[str, Any]) -> None:
     report = render_sweep_report(results, errors)
     atomic_write(out / "report.md", report)
     print("\n".join(line for line in report.splitlines() if line.startswith("|")))
+    print(f"\nreport: {out / 'report.md'}")
+
+
+def finish_statistics(out: Path, results: dict[str, Any]) -> None:
+    """statistics.png, bn_statistics.png and report.md, from statistics.json's contents."""
+    cfg = results["config"]
+    bn, references = statistics_table(results)
+    two = results.get("two_processes")
+    points = []
+    if two:
+        for name, label in (("sbn", "synchronized Batch Norm"), ("bn", "Batch Norm")):
+            errors = [r["test_error"] for r in two["runs"].get(name, {}).values()]
+            if errors:
+                points.append((f"{label}, {two['processes']} processes (torchrun)",
+                               two["images_per_statistic"][name], errors))
+    seeds = cfg["seeds"]
+    held = (f"held fixed: global batch {cfg['batch_size']}, peak lr {cfg['lr']} (one-cycle), "
+            f"{cfg['epochs']} epoch(s) over {cfg['train_images']:,} images, data order; "
+            + (f"mean and min–max of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
+               else f"seed {seeds[0]}"))
+    if bn:
+        plot_statistics(bn, {f"{VARIANTS[v].label} ({v})": e for v, e in references.items()},
+                        points, f"Test error vs images per Batch Norm statistic "
+                        f"({cfg['dataset']})", held, out / "statistics.png")
+    seen = results.get("bn_statistics", {})
+    if seen.get("by_images"):
+        plot_statistics_seen(
+            seen["by_images"], f"What Batch Norm normalises with: {seen['layer']}, channel "
+            f"{seen['channel']}", f"seed-{seen['seed']} models in training mode on "
+            f"{seen['batches']} training batches of {cfg['batch_size']}; each statistic over "
+            f"the first N images of a batch; red: the running estimate eval mode uses",
+            out / "bn_statistics.png")
+    report = render_statistics_report(results)
+    atomic_write(out / "report.md", report)
+    print("\n".join(line for line in report.splitlines()[:12] if line.startswith("|")))
     print(f"\nreport: {out / 'report.md'}")
 
 
@@ -685,13 +922,15 @@ def finish(out: Path, metrics: dict[str, Any]) -> None:
 
 def redraw(run: Path) -> None:
     """Figures and report.md are pure functions of the run's JSON record: redraw them."""
-    record = next((run / n for n in ("metrics.json", "sweep.json") if (run / n).exists()), None)
+    drawers = {"metrics.json": finish, "sweep.json": finish_sweep,
+               "statistics.json": finish_statistics}
+    record = next((run / n for n in drawers if (run / n).exists()), None)
     if record is None:
-        raise UsageError(f"{run}: no metrics.json or sweep.json; give a compare or sweep "
-                         f"output folder")
+        raise UsageError(f"{run}: no metrics.json, sweep.json or statistics.json; give a "
+                         f"compare, sweep or statistics output folder")
     try:
         results = json.loads(record.read_text())
-        (finish_sweep if record.name == "sweep.json" else finish)(run, results)
+        drawers[record.name](run, results)
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{record} is corrupt ({type(exc).__name__}: {exc}); cannot draw "
                          f"a report from it") from None
