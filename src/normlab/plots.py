@@ -9,12 +9,14 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from .checkpoint import atomic_write
-from .engine import Misclassified
+from .engine import VARIANTS, Misclassified
+from .report import statistics_table
 
 History = Mapping[str, Sequence[float]]
 
@@ -180,6 +182,37 @@ def plot_statistics(bn: Mapping[int, Sequence[float]],
     if path is not None:
         save_figure(fig, path, dpi=110)
     return fig
+
+
+def statistics_figures(results: Mapping[str, Any]) -> tuple[Figure | None, Figure | None]:
+    """The statistics study's two figures from its record (statistics.json): test error vs
+    images per statistic, and what Batch Norm normalises with (None where the record has
+    nothing to draw yet)."""
+    cfg = results["config"]
+    bn, references = statistics_table(results)
+    two = results.get("two_processes")
+    points = []
+    for name, label in (("sbn", "synchronized Batch Norm"), ("bn", "Batch Norm")):
+        errors = [r["test_error"] for r in (two or {}).get("runs", {}).get(name, {}).values()]
+        if errors:
+            points.append((f"{label}, {two['processes']} processes (torchrun)",
+                           two["images_per_statistic"][name], errors))
+    seeds = cfg["seeds"]
+    held = (f"held fixed: global batch {cfg['batch_size']}, peak lr {cfg['lr']} (one-cycle), "
+            f"{cfg['epochs']} epoch(s) over {cfg['train_images']:,} images, data order; "
+            + (f"mean and min–max of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
+               else f"seed {seeds[0]}"))
+    errors_figure = plot_statistics(
+        bn, {f"{VARIANTS[v].label} ({v})": e for v, e in references.items()}, points,
+        f"Test error vs images per Batch Norm statistic ({cfg['dataset']})", held) if bn else None
+    seen = results.get("bn_statistics", {})
+    seen_figure = plot_statistics_seen(
+        seen["by_images"], f"What Batch Norm normalises with: {seen['layer']}, channel "
+        f"{seen['channel']}", f"seed-{seen['seed']} models in training mode on "
+        f"{seen['batches']} training batches of {cfg['batch_size']}; each statistic over the "
+        f"first N images of a batch; red: the running estimate eval mode uses"
+    ) if seen.get("by_images") else None
+    return errors_figure, seen_figure
 
 
 def plot_statistics_seen(seen: Mapping[str, Mapping[str, object]], title: str, note: str = "",

@@ -56,13 +56,7 @@ from .engine import (
 )
 from .model import Net, count_parameters
 from .norms import statistics_seen
-from .plots import (
-    plot_curves,
-    plot_misclassified,
-    plot_statistics,
-    plot_statistics_seen,
-    plot_sweep,
-)
+from .plots import plot_curves, plot_misclassified, plot_sweep, save_figure, statistics_figures
 from .report import (
     environment,
     failed_runs,
@@ -71,7 +65,6 @@ from .report import (
     render_report,
     render_statistics_report,
     render_sweep_report,
-    statistics_table,
 )
 from .stats import t_interval
 from .sweep import error_table, run_key, scaled_lr
@@ -867,33 +860,11 @@ def finish_sweep(out: Path, results: dict[str, Any]) -> None:
 
 def finish_statistics(out: Path, results: dict[str, Any]) -> None:
     """statistics.png, bn_statistics.png and report.md, from statistics.json's contents."""
-    cfg = results["config"]
-    bn, references = statistics_table(results)
-    two = results.get("two_processes")
-    points = []
-    if two:
-        for name, label in (("sbn", "synchronized Batch Norm"), ("bn", "Batch Norm")):
-            errors = [r["test_error"] for r in two["runs"].get(name, {}).values()]
-            if errors:
-                points.append((f"{label}, {two['processes']} processes (torchrun)",
-                               two["images_per_statistic"][name], errors))
-    seeds = cfg["seeds"]
-    held = (f"held fixed: global batch {cfg['batch_size']}, peak lr {cfg['lr']} (one-cycle), "
-            f"{cfg['epochs']} epoch(s) over {cfg['train_images']:,} images, data order; "
-            + (f"mean and min–max of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
-               else f"seed {seeds[0]}"))
-    if bn:
-        plot_statistics(bn, {f"{VARIANTS[v].label} ({v})": e for v, e in references.items()},
-                        points, f"Test error vs images per Batch Norm statistic "
-                        f"({cfg['dataset']})", held, out / "statistics.png")
-    seen = results.get("bn_statistics", {})
-    if seen.get("by_images"):
-        plot_statistics_seen(
-            seen["by_images"], f"What Batch Norm normalises with: {seen['layer']}, channel "
-            f"{seen['channel']}", f"seed-{seen['seed']} models in training mode on "
-            f"{seen['batches']} training batches of {cfg['batch_size']}; each statistic over "
-            f"the first N images of a batch; red: the running estimate eval mode uses",
-            out / "bn_statistics.png")
+    errors, seen = statistics_figures(results)
+    if errors is not None:
+        save_figure(errors, out / "statistics.png", dpi=110)
+    if seen is not None:
+        save_figure(seen, out / "bn_statistics.png", dpi=100)
     report = render_statistics_report(results)
     atomic_write(out / "report.md", report)
     print("\n".join(line for line in report.splitlines()[:12] if line.startswith("|")))
