@@ -20,7 +20,7 @@ def test_committed_notebook_is_executed_with_its_figures():
     params = next(c for c in code if "parameters" in c.metadata.get("tags", []))
     assert "EPOCHS = 20" in params.source and "LIMIT_TRAIN = None" in params.source
     pngs = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
-    assert pngs >= 6  # augmentation, curves, 3 misclassified grids, explainer figure
+    assert pngs >= 8  # augmentation, curves, 3 misclassified grids, explainer, statistics x2
     assert not any(o.output_type == "error" for c in code for o in c.outputs)
 
 
@@ -43,7 +43,7 @@ def test_notebook_runs_end_to_end_with_tiny_parameters(dataset, mnist_dir, tmp_p
     assert "EPOCHS = 1" in injected.source and "LIMIT_TRAIN = 1000" in injected.source
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(figures) == 6
+    assert len(figures) == 8  # ... and the statistics study's two, read from its record
     text = "".join(o.get("text", "") for o in outputs)
     assert text.count("epoch  1 ") == 3  # one line per variant
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
