@@ -132,6 +132,11 @@ def _pair_rows(metrics: dict[str, Any]) -> list[str]:
     return rows if len(rows) > 2 else []
 
 
+def _reproduce_heading(record: dict[str, Any]) -> list[str]:
+    """The "Reproduce" heading and the command that made the record."""
+    return ["## Reproduce", "", "```", record["command"], "```", ""]
+
+
 def parallel_line(record: dict[str, Any]) -> str:
     """How the runs were spread over processes (older records: one process)."""
     p = record.get("parallel") or {}
@@ -205,12 +210,7 @@ def render_report(metrics: dict[str, Any]) -> str:
                       ""]
     config = ", ".join(f"{k}={v}" for k, v in cfg.items())
     lines += [
-        "## Reproduce",
-        "",
-        "```",
-        metrics["command"],
-        "```",
-        "",
+        *_reproduce_heading(metrics),
         f"- configuration: {config}",
         f"- git revision: `{env['git_revision']}`",
         f"- machine: {env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch "
@@ -285,12 +285,7 @@ def render_sweep_report(results: dict[str, Any], errors: dict[str, dict[int, lis
         "",
         "![test error vs batch size](sweep.png)",
         "",
-        "## Reproduce",
-        "",
-        "```",
-        results["command"],
-        "```",
-        "",
+        *_reproduce_heading(results),
         f"- git revision: `{env['git_revision']}`",
         f"- machine: {env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch "
         f"threads), device `{env['device']}`",
@@ -380,12 +375,7 @@ def render_statistics_report(results: dict[str, Any]) -> str:
              f"{r['wall_time_s']:.0f} s |")
           for r in results["runs"].values()),
         "",
-        "## Reproduce",
-        "",
-        "```",
-        results["command"],
-        "```",
-        "",
+        *_reproduce_heading(results),
         f"- configuration: {config}",
         f"- git revision: `{env['git_revision']}`",
         f"- machine: {env['cpu']} ({env['cpu_count']} CPUs), device `{env['device']}`",
