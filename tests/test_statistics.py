@@ -101,6 +101,30 @@ def test_statistics_refuses_impossible_settings_in_one_line(args, message, capsy
     assert code == 2 and message in line
 
 
+def test_statistics_refuses_to_run_under_torchrun(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, line = cli_error(["statistics", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "run normlab statistics as one process" in line
+
+
+def test_a_failed_torchrun_part_is_one_line_and_keeps_the_finished_runs(mnist_dir, tmp_path,
+                                                                        capsys, monkeypatch):
+    import normlab.study
+
+    monkeypatch.setattr(normlab.study.sys, "executable", "/bin/false")  # the launch fails
+    out = tmp_path / "stats"
+    code, line = cli_error(["statistics", "--images-per-statistic", "16", "--batch-size", "16",
+                            "--limit-train", "64", "--epochs", "1", "--seeds", "1",
+                            "--device", "cpu", "--no-progress", "--data-dir", str(mnist_dir),
+                            "--out", str(out)], capsys)
+    assert code == 1
+    assert f"the 2-process part (torchrun, in {out / 'two-processes'}) failed with exit code 1" \
+        in line and f"resume with normlab statistics --resume {out}" in line
+    runs = json.loads((out / "statistics.json").read_text())["runs"]
+    assert sorted(runs) == ["bn/ips16/seed1", "gn/seed1", "ln/seed1"]
+
+
 def test_statistics_seen_is_what_batch_norm_normalises_each_part_with():
     """Oracle: PyTorch's Batch Norm run on the first part alone with momentum 1 holds that
     part's mean and unbiased variance in its running buffers (rtol 1e-5)."""

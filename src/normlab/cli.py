@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_statistics)
 
     p = sub.add_parser("report", help="re-draw the figures and report.md of a finished run "
-                       "from its metrics.json or sweep.json (no training)")
-    p.add_argument("run", type=Path, metavar="OUTDIR", help="a compare or sweep output folder")
+                       "from its metrics.json, sweep.json or statistics.json (no training)")
+    p.add_argument("run", type=Path, metavar="OUTDIR",
+                   help="a compare, sweep or statistics output folder")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("convert", help="rewrite older .pt weights files as .safetensors",
@@ -233,7 +234,11 @@ def cmd_statistics(args: argparse.Namespace) -> int:
     if args.virtual_batch_size is not None:
         raise UsageError("normlab statistics sets the images per statistic itself: use "
                          "--images-per-statistic instead of --virtual-batch-size")
-    if distributed.from_env().distributed:
+    try:
+        under_torchrun = distributed.from_env().distributed
+    except ValueError:  # a broken torchrun environment is still not one process
+        under_torchrun = True
+    if under_torchrun:
         raise UsageError("run normlab statistics as one process: it starts its "
                          "multi-process part with torchrun itself (--processes)")
     for ips in args.images_per_statistic:

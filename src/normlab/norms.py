@@ -287,4 +287,3 @@ def statistics_seen(model: nn.Module, batches: Iterable[torch.Tensor], images_pe
                    "running_mean": layers[name].running_mean.detach().float().cpu(),
                    "running_var": layers[name].running_var.detach().float().cpu()}
             for name, s in seen.items()}
-

@@ -102,8 +102,7 @@ def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
 
 
 def plot_sweep(errors: Mapping[str, Mapping[int, Sequence[float]]], title: str,
-               path: str | Path | None = None, note: str = "",
-               xlabel: str = "batch size (images per step, log scale)") -> Figure:
+               path: str | Path | None = None, note: str = "") -> Figure:
     """Test error vs batch size (log scale), one line per variant: mean over seeds, with the
     lowest-to-highest seed as a band when there are several. ``note`` (what was held fixed)
     goes under the axes in small print, so the title stays short enough to fit."""
@@ -117,20 +116,32 @@ def plot_sweep(errors: Mapping[str, Mapping[int, Sequence[float]]], title: str,
         if max(len(v) for v in values) > 1:
             ax.fill_between(sizes, [v.min() for v in values], [v.max() for v in values],
                             alpha=0.2, color=line.get_color(), linewidth=0)
+    _error_axes(ax, sorted({b for by_batch in errors.values() for b in by_batch}),
+                "batch size (images per step, log scale)", title)
+    ax.legend()
+    return _finish(fig, note, path, dpi=110)
+
+
+def _error_axes(ax, sizes: Sequence[int], xlabel: str, title: str) -> None:
+    """Test error against a power-of-two size, both on log axes: errors span from tenths of
+    a percent to tens of percent, and a log axis keeps both readable."""
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({b for by_batch in errors.values() for b in by_batch}))
+    ax.set_xticks(sizes)
     ax.get_xaxis().set_major_formatter("{x:.0f}")
-    # Errors span from a few percent to tens of percent: a log axis keeps both readable.
     ax.set_yscale("log")
     ax.get_yaxis().set_major_formatter("{x:g}")
     ax.get_yaxis().set_minor_formatter("{x:g}")
     ax.set(xlabel=xlabel, ylabel="test error (%, log scale)", title=title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+
+
+def _finish(fig: Figure, note: str, path: str | Path | None, dpi: int) -> Figure:
+    """``note`` (what was held fixed) in small print under the axes, so the title stays
+    short enough to fit; saved when ``path`` is given."""
     if note:
         fig.supxlabel(note, fontsize=8, color="dimgray")
     if path is not None:
-        save_figure(fig, path, dpi=110)
+        save_figure(fig, path, dpi=dpi)
     return fig
 
 
@@ -167,21 +178,9 @@ def plot_statistics(bn: Mapping[int, Sequence[float]],
         ax.errorbar([x], [e.mean()], yerr=[[e.mean() - e.min()], [e.max() - e.mean()]],
                     marker=markers[i % len(markers)], markersize=8, linestyle="none", alpha=0.85,
                     color=f"C{len(references) + 1 + i}", capsize=4, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes)
-    ax.get_xaxis().set_major_formatter("{x:.0f}")
-    ax.set_yscale("log")  # from a few tenths of a percent to tens of percent
-    ax.get_yaxis().set_major_formatter("{x:g}")
-    ax.get_yaxis().set_minor_formatter("{x:g}")
-    ax.set(xlabel="images per Batch Norm statistic (log scale)",
-           ylabel="test error (%, log scale)", title=title)
-    ax.grid(alpha=0.3, which="both")
+    _error_axes(ax, sizes, "images per Batch Norm statistic (log scale)", title)
     ax.legend(fontsize=8)
-    if note:
-        fig.supxlabel(note, fontsize=8, color="dimgray")
-    if path is not None:
-        save_figure(fig, path, dpi=110)
-    return fig
+    return _finish(fig, note, path, dpi=110)
 
 
 def statistics_figures(results: Mapping[str, Any]) -> tuple[Figure | None, Figure | None]:
@@ -252,8 +251,4 @@ def plot_statistics_seen(seen: Mapping[str, Mapping[str, object]], title: str, n
             ax.legend(fontsize=7, loc="upper left")
             ax.grid(alpha=0.3)
     fig.suptitle(title)
-    if note:
-        fig.supxlabel(note, fontsize=8, color="dimgray")
-    if path is not None:
-        save_figure(fig, path, dpi=100)
-    return fig
+    return _finish(fig, note, path, dpi=100)

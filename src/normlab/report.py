@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .engine import VARIANTS
 from .stats import paired_difference, t_interval
 
 # Final-epoch test accuracy of the study normlab grew from (MNIST, single run, 20 epochs).
@@ -268,16 +269,8 @@ def render_sweep_report(results: dict[str, Any], errors: dict[str, dict[int, lis
         "| --- |" + " ---: |" * len(sizes),
     ]
     for name, by_batch in errors.items():
-        cells = []
-        for b in sizes:
-            v = by_batch.get(b)
-            if not v:
-                cells.append("–")
-            elif len(v) == 1:
-                cells.append(f"{v[0]:.2f}")
-            else:
-                cells.append(f"{np.mean(v):.2f} ({min(v):.2f}–{max(v):.2f})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(by_batch.get(b, [])) for b in sizes)
+                     + " |")
     failed = [r for r in results["runs"].values() if "failed" in r]
     lines += [f"- failed: {r['variant']}, batch {r['batch_size']}, seed {r['seed']}: "
               f"{r['failed']}" for r in failed]
@@ -304,6 +297,7 @@ GN_PAPER = {"images": (32, 16, 8, 4, 2), "bn": (23.6, 23.7, 24.8, 27.3, 34.7),
 
 
 def _cell(values: list[float]) -> str:
+    """One table cell: mean (min–max) over seeds, the value for one seed, "–" for none."""
     if not values:
         return "–"
     if len(values) == 1:
@@ -354,13 +348,13 @@ def render_statistics_report(results: dict[str, Any]) -> str:
         "| Batch Norm (bn) | " + " | ".join(_cell(bn[b]) for b in sizes) + " |",
     ]
     for v, errors in references.items():
-        lines.append(f"| {_LABELS.get(v, v)} ({v}), any grouping | "
+        lines.append(f"| {VARIANTS[v].label} ({v}), any grouping | "
                      + " | ".join(_cell(errors) for _ in sizes) + " |")
     failed = [r for r in results["runs"].values() if "failed" in r]
     lines += [f"- failed: {r['variant']}, {r.get('images_per_statistic') or 'any'} images per "
               f"statistic, seed {r['seed']}: {r['failed']}" for r in failed]
     lines += ["", "![test error vs images per statistic](statistics.png)", ""]
-    lines += _two_process_lines(results, bn)
+    lines += _two_process_lines(results)
     lines += _paper_lines(bn, references)
     lines += _seen_lines(results)
     config = ", ".join(f"{k}={v}" for k, v in cfg.items())
@@ -396,21 +390,16 @@ def _training_time(results: dict[str, Any]) -> str:
     return f"{one:.0f} s in one process, {more:.0f} s on {two['processes']} processes"
 
 
-_LABELS = {"bn": "Batch Norm", "gn": "Group Norm", "ln": "Layer Norm",
-           "sbn": "Synchronized Batch Norm"}
-
-
-def _two_process_lines(results: dict[str, Any], bn: dict[int, list[float]]) -> list[str]:
+def _two_process_lines(results: dict[str, Any]) -> list[str]:
     """The torchrun runs next to the one-process runs that compute the same statistics."""
     two = results.get("two_processes")
     if not two:
         return []
     seeds = [str(s) for s in results["config"]["seeds"]]
-    one = {r["images_per_statistic"]: {} for r in results["runs"].values()
-           if r.get("images_per_statistic")}
+    one: dict[int, dict[str, float]] = {}  # images per statistic -> seed -> test error
     for r in results["runs"].values():
         if r.get("images_per_statistic") and "failed" not in r:
-            one[r["images_per_statistic"]][str(r["seed"])] = r["test_error"]
+            one.setdefault(r["images_per_statistic"], {})[str(r["seed"])] = r["test_error"]
     p = two["processes"]
     lines = [
         f"## On {p} processes (torchrun, gloo)",

@@ -116,6 +116,13 @@ class Run:
     label: str  # what the epoch lines call it
     virtual_batch_size: int | None = None  # this run's images per Batch Norm statistic
 
+    def split(self, default: int | None) -> int | None:
+        """The virtual batch size this run trains with: its own, else the command line's
+        (``default``); None for the norms without batch statistics."""
+        if VARIANTS[self.variant].norm != "batch":
+            return None
+        return self.virtual_batch_size or default
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -168,8 +175,7 @@ def execute(run: Run, s: Settings, data: Data, device: torch.device) -> dict[str
             seed=run.seed, batch_size=run.batch_size, lr=run.lr, device=device, data=data,
             name=run.label, progress=s.progress, on_epoch=log,
             checkpoint=checkpoint_of(s.out, run), precision=s.precision,
-            virtual_batch_size=(run.virtual_batch_size or s.virtual_batch_size)
-            if variant.norm == "batch" else None)
+            virtual_batch_size=run.split(s.virtual_batch_size))
     except TrainingDiverged as exc:
         if s.writes:
             print(f"normlab {s.kind}: error: {exc}; carrying on with the other runs",
@@ -224,8 +230,7 @@ def _grid_fields(run: Run, s: Settings, data: Data) -> dict[str, Any]:
     fields = dict(variant=run.variant, batch_size=run.batch_size, seed=run.seed, lr=run.lr,
                   steps=s.epochs * -(-len(data.train_labels) // run.batch_size))
     if s.kind == "statistics":  # None for the norms without batch statistics
-        fields["images_per_statistic"] = (run.virtual_batch_size or run.batch_size
-                                          if VARIANTS[run.variant].norm == "batch" else None)
+        fields["images_per_statistic"] = run.split(run.batch_size)
     return fields
 
 
@@ -559,31 +564,29 @@ class Statistics(Sweep):
               ) -> None:
         a = self.args
         if a.processes > 1:
-            record["two_processes"] = self._two_processes(out, data)
+            record["two_processes"] = self._two_processes(out)
             write_json(out / self.record_name, record)
         if "bn_statistics" not in record:
             record["bn_statistics"] = self._statistics_seen(out, record, data, device)
             write_json(out / self.record_name, record)
 
-    def _two_processes(self, out: Path, data: Data) -> dict[str, Any]:
+    def _two_processes(self, out: Path) -> dict[str, Any]:
         """Train sbn and bn with ``torchrun --nproc-per-node P`` (a compare in out/two-processes,
         resumed if it was interrupted) and return what the statistics report needs of it."""
         a, part = self.args, out / TWO_PROCESSES
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                  "--nproc-per-node", str(a.processes), "-m", "normlab", "compare"]
-        data_dir = ["--data-dir", str(a.data_dir)] if a.data_dir else []
-        if (part / "metrics.json").exists():
-            args = ["--resume", str(part), *data_dir]
-        else:
-            args = ["--variants", "sbn", "bn", "--seeds", *map(str, a.seeds),
-                    "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
-                    "--lr", str(a.lr), "--num-groups", str(a.num_groups),
-                    "--dataset", a.dataset, "--precision", a.precision,
-                    "--device", "cpu", "--no-progress", "--out", str(part), *data_dir,
-                    *(["--limit-train", str(a.limit_train)] if a.limit_train else [])]
-        metrics = json.loads((part / "metrics.json").read_text()) if args[0] == "--resume" \
-            else None
+        record = part / "metrics.json"
+        metrics = json.loads(record.read_text()) if record.exists() else None
         if metrics is None or not _complete(metrics, a.seeds):
+            data_dir = ["--data-dir", str(a.data_dir)] if a.data_dir else []
+            args = ["--resume", str(part), *data_dir] if metrics is not None else [
+                "--variants", *TWO_PROCESS_VARIANTS, "--seeds", *map(str, a.seeds),
+                "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
+                "--lr", str(a.lr), "--num-groups", str(a.num_groups), "--dataset", a.dataset,
+                "--precision", a.precision, "--device", "cpu", "--no-progress",
+                "--out", str(part), *data_dir,
+                *(["--limit-train", str(a.limit_train)] if a.limit_train else [])]
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc-per-node", str(a.processes), "-m", "normlab", "compare"]
             print(f"normlab statistics: sbn and bn on {a.processes} processes: "
                   f"torchrun ... compare {shlex.join(args)}", flush=True)
             code = _wait(subprocess.Popen([*launch, *args]))
@@ -592,7 +595,7 @@ class Statistics(Sweep):
                                  f"failed with exit code {code}, its error is above; the "
                                  f"finished runs are saved: resume with normlab statistics "
                                  f"--resume {out}")
-            metrics = json.loads((part / "metrics.json").read_text())
+            metrics = json.loads(record.read_text())
         per_device = a.batch_size // a.processes
         return {"folder": TWO_PROCESSES, "command": metrics["command"],
                 "processes": a.processes,
@@ -612,15 +615,15 @@ class Statistics(Sweep):
         a = self.args
         seed = a.seeds[0]
         seen: dict[str, Any] = {"seed": seed, "channel": 0, "by_images": {}}
+        train_loader, _ = make_loaders(data, a.batch_size, seed, device)
+        batches = [x for x, _ in islice(train_loader, STATISTICS_BATCHES)
+                   if len(x) == a.batch_size]  # the same batches for every model
         for ips in sorted({min(a.images_per_statistic), max(a.images_per_statistic)}):
             weights = out / f"bn_ips{ips}_seed{seed}{WEIGHTS_SUFFIX}"
             result = record["runs"].get(f"bn/ips{ips}/seed{seed}", {})
             if not weights.exists() or "failed" in result:
                 continue
             model = load_model(weights, device)
-            train_loader, _ = make_loaders(data, a.batch_size, seed, device)
-            batches = [x for x, _ in islice(train_loader, STATISTICS_BATCHES)
-                       if len(x) == a.batch_size]
             stats = statistics_seen(model, batches, ips)
             names = {name: f"after {model.architecture[int(name.split('.')[1])][0]}"
                      for name in stats}
@@ -650,13 +653,15 @@ class Statistics(Sweep):
 
 
 TWO_PROCESSES = "two-processes"
+TWO_PROCESS_VARIANTS = ("sbn", "bn")
 STATISTICS_BATCHES = 300  # "a few hundred training batches" for the statistics figure
 
 
 def _complete(metrics: dict[str, Any], seeds: list[int]) -> bool:
     """Whether a compare record holds a finished run of every variant for every seed."""
-    return all({r["seed"] for r in v.get("runs", [])} >= set(seeds)
-               for v in metrics["variants"].values()) and len(metrics["variants"]) == 2
+    variants = metrics["variants"]
+    return all(v in variants and {r["seed"] for r in variants[v].get("runs", [])} >= set(seeds)
+               for v in TWO_PROCESS_VARIANTS)
 
 
 def _wait(process: subprocess.Popen) -> int:
@@ -677,7 +682,7 @@ def _outcome(study: Study, result: dict[str, Any]) -> str:
     if "failed" in result:
         return f"failed: {result['failed']}"
     if study.kind == "statistics":
-        return (f"test error {result['test_error']:5.2f}%  {result['wall_time_s']:5.1f}s")
+        return f"test error {result['test_error']:5.2f}%  {result['wall_time_s']:5.1f}s"
     if study.kind == "sweep":
         return (f"lr {result['lr']:.5f}  {result['steps']:6d} steps  test error "
                 f"{result['test_error']:5.2f}%  {result['wall_time_s']:5.1f}s")
@@ -830,9 +835,7 @@ def _load_and_check(study: Study, record: dict[str, Any] | None, ranks: Ranks) -
                          f"{ranks.world_size}; resume it the same way: {launch} "
                          f"{study.kind} --resume {args.out}")
     data = study.load()
-    splits = {(r.batch_size, r.virtual_batch_size or args.virtual_batch_size)
-              if VARIANTS[r.variant].norm == "batch" else (r.batch_size, None)
-              for r in study.runs()}
+    splits = {(r.batch_size, r.split(args.virtual_batch_size)) for r in study.runs()}
     for batch, virtual in sorted(splits, key=str):
         check_split(len(data.train_labels), batch, ranks.world_size, virtual)
     return data

@@ -24,7 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 DEFAULT_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
-DEFAULT_EPOCHS = 2  # the least at which every variant passes 98.5% at batch 128 (docs)
+# Fits the ~45-minute budget on the 2-core machine, but at the default lr Layer Norm misses
+# 98.5% at batch 128 on two seeds (results/sweep and its controls; issue 13).
+DEFAULT_EPOCHS = 2
 REFERENCE_BATCH = 128
 
 
