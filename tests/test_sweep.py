@@ -10,7 +10,7 @@ from normlab.cli import main
 from normlab.engine import Misclassified
 from normlab.plots import plot_misclassified, plot_sweep
 from normlab.report import render_sweep_report
-from normlab.sweep import error_table, scaled_lr
+from normlab.sweep import DEFAULT_LR, error_table, scaled_lr
 
 
 def _sweep(folder, out, *extra):
@@ -27,7 +27,8 @@ def test_sweep_writes_results_figure_and_report(tiny_mnist, tmp_path, capsys):
     runs = results["runs"]
     assert len(runs) == 2 * 2 * 2
     r = runs["bn/bs4/seed1"]
-    assert r["lr"] == pytest.approx(scaled_lr(0.05, 4)) == pytest.approx(0.05 * 4 / 128)
+    assert DEFAULT_LR == 0.02 and results["config"]["lr"] == DEFAULT_LR  # the sweep's own default
+    assert r["lr"] == pytest.approx(scaled_lr(0.02, 4)) == pytest.approx(0.02 * 4 / 128)
     assert r["steps"] == 16 and runs["gn/bs16/seed2"]["steps"] == 4  # same images, more steps
     assert r["test_error"] == pytest.approx(100 - r["test_acc"])
     assert results["config"]["train_images"] == 64 and results["config"]["test_images"] == 128

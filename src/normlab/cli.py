@@ -34,7 +34,7 @@ from .study import (
     redraw,
     run_study,
 )
-from .sweep import DEFAULT_BATCH_SIZES, DEFAULT_EPOCHS
+from .sweep import DEFAULT_BATCH_SIZES, DEFAULT_EPOCHS, DEFAULT_LR
 
 SWEEP_VARIANTS = ("bn", "gn", "ln")
 # Epochs per run of the statistics study: chosen so that its 33 runs (27 in one process, 6 on
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
                    help="epochs over the training images, the same at every batch size "
                    "(default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
+    p.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
                    help="peak learning rate at batch 128, scaled linearly for other sizes "
                    "(default: %(default)s)")
     _add_run_options(p)
