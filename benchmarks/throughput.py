@@ -40,6 +40,7 @@ from normlab.data import MNIST, Loader, load_data, make_loaders
 from normlab.engine import (
     DEFAULTS,
     VARIANTS,
+    graph_step,
     l1_penalty,
     make_optimizer,
     resolve_precision,
@@ -147,11 +148,12 @@ def measure(pipeline: str, variant: str, warmup: int, steps: int, workers: int,
         timed = Loader(images[warmup * BATCH:(warmup + steps) * BATCH],
                        labels[warmup * BATCH:(warmup + steps) * BATCH], **split)
         _, test_loader = make_loaders(data, BATCH, 0, device)
+        graph = graph_step(model, lambda_l1, device, precision)  # as train_model does
         train(model, device, warm, optimizer, lambda_l1, scheduler, progress=False,
-              precision=precision)
+              precision=precision, graph=graph)
         start = time.perf_counter()
         train(model, device, timed, optimizer, lambda_l1, scheduler, progress=False,
-              precision=precision)
+              precision=precision, graph=graph)
         train_s = time.perf_counter() - start
 
         def evaluate() -> None:

@@ -144,15 +144,110 @@ def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lambda_l1: flo
     return loss, data_loss, output
 
 
+class Totals:
+    """An epoch's running sums, kept on the device: no host sync per batch. The first
+    non-finite loss is remembered by its batch number (1-based; -1 while all are finite)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.batches = torch.zeros((), device=device, dtype=torch.long)
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+
+    def reset(self) -> None:
+        for t in (self.loss, self.correct, self.batches):
+            t.zero_()
+        self.first_bad.fill_(-1)
+
+    def add(self, loss: torch.Tensor, data_loss: torch.Tensor, output: torch.Tensor,
+            y: torch.Tensor) -> None:
+        # In place only, so that a CUDA graph can record these updates (CudaGraphStep).
+        self.batches += 1
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad.copy_(torch.where(bad, self.batches, self.first_bad))
+        self.loss += data_loss.detach() * len(y)
+        self.correct += (output.argmax(1) == y).sum()
+
+
+class CudaGraphStep:
+    """Forward, loss, backward and running totals of a full training batch, captured once as
+    a CUDA graph and replayed for every later batch of that shape.
+
+    Why: normlab's model is tiny, so on a GPU a step is bound by launching its few hundred
+    small kernels from Python (about 4 ms per step on an H100), not by arithmetic; a replay
+    launches them all at once (PyTorch's "whole-network capture"; airbench's approach). The
+    optimiser step and schedule stay eager and torch.optim's own. Replays write the
+    gradients into the same tensors every time, so ``optimizer.zero_grad`` must not drop
+    them (``train`` zeroes in place once captured). float32 only: autocast's weight cache
+    does not mix with graphs, so bf16 stays eager.
+    """
+
+    def __init__(self, model: nn.Module, lambda_l1: float, device: torch.device) -> None:
+        self.model, self.lambda_l1 = model, lambda_l1
+        self.totals = Totals(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.x = self.y = torch.empty(0)
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` can go through the graph (the first batch decides its shape)."""
+        return self.graph is None or x.shape == self.x.shape
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+                 ) -> None:
+        if self.graph is None:
+            self._capture(x, y, optimizer)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+                 ) -> None:
+        self.x, self.y = x.clone(), y.clone()
+        # Capture needs warm kernels (cuDNN, autograd's streams): two passes on a side
+        # stream, with Batch Norm's running statistics restored afterwards, so that the
+        # warm-up leaves no trace in training.
+        saved = [b.clone() for b in self.model.buffers()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                optimizer.zero_grad(set_to_none=True)
+                objective(self.model, self.x, self.y, self.lambda_l1)[0].backward()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for b, value in zip(self.model.buffers(), saved, strict=True):
+                b.copy_(value)
+        optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients itself
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loss, data_loss, output = objective(self.model, self.x, self.y, self.lambda_l1)
+            loss.backward()
+            self.totals.add(loss, data_loss, output, self.y)
+
+
+def graph_step(model: nn.Module, lambda_l1: float, device: torch.device, precision: str,
+               world: int = 1) -> CudaGraphStep | None:
+    """A ``CudaGraphStep`` where one applies (a CUDA device, float32, one process), else None."""
+    if device.type == "cuda" and precision == "fp32" and world == 1:
+        return CudaGraphStep(model, lambda_l1, device)
+    return None
+
+
 def train(model: nn.Module, device: torch.device, loader: Loader,
           optimizer: torch.optim.Optimizer, lambda_l1: float = 0.0,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-          desc: str | None = None, progress: bool = True, precision: str = "fp32"
-          ) -> tuple[float, float]:
+          desc: str | None = None, progress: bool = True, precision: str = "fp32",
+          graph: CudaGraphStep | None = None) -> tuple[float, float]:
     """One epoch of training; returns (mean data loss, accuracy %) over the epoch's batches.
 
     The reported loss is the NLL alone, so variants with and without L1 stay comparable.
-    ``precision="bf16"`` runs the forward pass under bfloat16 autocast.
+    ``precision="bf16"`` runs the forward pass under bfloat16 autocast. ``graph`` (on a
+    CUDA device, float32, one process) replays full batches from a CUDA graph; pass the same
+    one every epoch.
 
     Data-parallel (``model`` a ``DistributedDataParallel``, ``loader`` sharded): each rank's
     loss is weighted by its share of the global batch, so DDP's gradient average is the
@@ -161,28 +256,27 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
     """
     model.train()
     world = loader.shard[1]
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    totals = graph.totals if graph is not None else Totals(device)
+    totals.reset()
     seen = 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
     for batch, (x, y) in enumerate(bar, 1):
         x, y = x.to(device), y.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss, data_loss, output = objective(model, x, y, lambda_l1, precision)
-        if world > 1:
-            loss = loss * (world * len(y) / loader.batch_length(batch - 1))
-        loss.backward()
+        if graph is not None and graph.fits(x):
+            graph(x, y, optimizer)
+        else:
+            # Once a graph holds the gradients, zero them in place rather than drop them.
+            optimizer.zero_grad(set_to_none=graph is None or not graph.captured)
+            loss, data_loss, output = objective(model, x, y, lambda_l1, precision)
+            if world > 1:
+                loss = loss * (world * len(y) / loader.batch_length(batch - 1))
+            loss.backward()
+            totals.add(loss, data_loss, output, y)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        # Accumulate on the device, and remember the first non-finite batch there too:
-        # no host sync per batch.
-        bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
-        first_bad = torch.where(bad, torch.tensor(batch, device=device), first_bad)
-        total_loss += data_loss.detach() * len(y)
-        correct += (output.argmax(1) == y).sum()
         seen += len(y)
+    total_loss, correct, first_bad = totals.loss, totals.correct, totals.first_bad
     if world > 1:
         total_loss, correct, seen = distributed.sum_over_ranks(total_loss, correct,
                                                                torch.tensor(seen))
@@ -288,7 +382,7 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
                 checkpoint: str | Path | None = None,
                 precision: str = DEFAULTS["precision"],
                 architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE,
-                virtual_batch_size: int | None = None,
+                virtual_batch_size: int | None = None, cuda_graph: bool = True,
                 ) -> tuple[Net, History]:
     """Train one model from scratch; returns it with per-epoch losses, accuracies and times.
 
@@ -306,6 +400,10 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
 
     ``virtual_batch_size=B``: Batch Norm computes its training statistics over each B images
     of a batch, as batch/B devices would (``norms.BatchNorm2d``).
+
+    On a CUDA device, in float32 and one process, full batches train through a CUDA graph
+    (``CudaGraphStep``; ``cuda_graph=False`` turns it off): the same computation, launched
+    at once.
 
     Under ``torch.distributed`` (torchrun), every rank calls this with the same arguments:
     ``batch_size`` stays the global batch, each rank trains on its part of it with
@@ -351,13 +449,15 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     if state is not None:
         done, history = load_training_state(checkpoint, config, net, optimizer, scheduler,
                                             train_loader.generator, state)
+    graph = graph_step(net, lambda_l1, device, precision, world) if cuda_graph else None
     for epoch in range(done + 1, epochs + 1):
         start = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
         try:
             train_loss, train_acc = train(model, device, train_loader, optimizer, lambda_l1,
                                           scheduler, desc=f"{name} {epoch}/{epochs}",
-                                          progress=progress and rank == 0, precision=precision)
+                                          progress=progress and rank == 0, precision=precision,
+                                          graph=graph)
         except FloatingPointError as exc:
             raise TrainingDiverged(f"{name}: {exc} in epoch {epoch}; try a lower --lr"
                                    f"{' or --l1' if lambda_l1 else ''}") from None
