@@ -24,8 +24,8 @@ def deterministic_cudnn():
 
 @pytest.mark.parametrize("norm, lambda_l1, virtual_batch_size", [
     ("batch", 1e-5, None), ("group", 0.0, None), ("layer", 0.0, None), ("batch", 0.0, 16)])
-def test_cuda_graph_trains_as_eager(tiny, monkeypatch, norm, lambda_l1, virtual_batch_size):
-    data = load_data(tiny[1])  # 256 training images: 5 batches of 48 and a short one of 16
+def test_cuda_graph_trains_as_eager(tiny_mnist, monkeypatch, norm, lambda_l1, virtual_batch_size):
+    data = load_data(tiny_mnist[1])  # 256 training images: 5 batches of 48 and a short one of 16
     replays = []
     replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay",
@@ -47,15 +47,15 @@ def test_cuda_graph_trains_as_eager(tiny, monkeypatch, norm, lambda_l1, virtual_
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_cuda_graph_reports_divergence(tiny):
+def test_cuda_graph_reports_divergence(tiny_mnist):
     # Without a norm, a step at lr 1e30 overflows the next forward: batch 2 or later.
     with pytest.raises(TrainingDiverged, match=r"non-finite .* at batch [2-6] of 6 in epoch 1"):
         train_model("none", epochs=1, batch_size=48, lr=1e30, device="cuda",
-                    data=load_data(tiny[1]), progress=False)
+                    data=load_data(tiny_mnist[1]), progress=False)
 
 
-def test_gpu_epoch_preparation_matches_cpu_batches(tiny):
-    data = load_data(tiny[1])
+def test_gpu_epoch_preparation_matches_cpu_batches(tiny_mnist):
+    data = load_data(tiny_mnist[1])
     cpu, _ = make_loaders(data, 48, seed=3, device="cpu")
     gpu, _ = make_loaders(data, 48, seed=3, device="cuda")
     for _ in range(2):  # two epochs: the same shuffles and augmentation draws
