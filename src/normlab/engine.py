@@ -178,7 +178,7 @@ class CudaGraphStep:
     launches them all at once (PyTorch's "whole-network capture"; airbench's approach). The
     optimiser step and schedule stay eager and torch.optim's own. Replays write the
     gradients into the same tensors every time, so ``optimizer.zero_grad`` must not drop
-    them (``train`` zeroes in place once captured). float32 only: autocast's weight cache
+    them (``train`` zeroes in place when it has a graph). float32 only: autocast's weight cache
     does not mix with graphs, so bf16 stays eager.
     """
 
@@ -187,10 +187,6 @@ class CudaGraphStep:
         self.totals = Totals(device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.x = self.y = torch.empty(0)
-
-    @property
-    def captured(self) -> bool:
-        return self.graph is not None
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether ``x`` can go through the graph (the first batch decides its shape)."""
@@ -265,8 +261,9 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
         if graph is not None and graph.fits(x):
             graph(x, y, optimizer)
         else:
-            # Once a graph holds the gradients, zero them in place rather than drop them.
-            optimizer.zero_grad(set_to_none=graph is None or not graph.captured)
+            # A graph (captured at the first batch, so before any eager step) owns the
+            # gradient tensors: zero them in place rather than drop them.
+            optimizer.zero_grad(set_to_none=graph is None)
             loss, data_loss, output = objective(model, x, y, lambda_l1, precision)
             if world > 1:
                 loss = loss * (world * len(y) / loader.batch_length(batch - 1))
