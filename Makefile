@@ -29,8 +29,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed  ## the full comparison: 3 variants x 20 epochs, then the report
 	$(BIN)/normlab compare $(ARGS)
 
-bench: $(VENV)/.installed  ## training/eval throughput vs the per-sample DataLoader pipeline
+bench: $(VENV)/.installed  ## throughput, and one study epoch, vs the per-sample DataLoader way
 	$(BIN)/python benchmarks/throughput.py $(or $(ARGS),--out benchmarks/results/cpu.json)
+	$(BIN)/python benchmarks/study_epoch.py --out benchmarks/results/study-epoch-cpu.json
 
 summary: $(VENV)/.installed
 	$(BIN)/normlab summary

@@ -87,3 +87,24 @@ def test_tune_screens_on_held_out_training_images(mnist_dir, tmp_path, monkeypat
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert record["validation_images"] == 59000 and record["variant"] == "gn"
     assert len(record["val_acc"]) == 1 and 10 < record["final_val_acc"] <= 100
+
+
+@pytest.mark.slow
+def test_study_epoch_times_both_ways_of_running_the_study(mnist_dir, tmp_path, monkeypatch):
+    import json
+
+    import study_epoch
+
+    out = tmp_path / "study.json"
+    monkeypatch.setattr(sys, "argv", ["study_epoch.py", "--rounds", "1", "--workers", "0",
+                                      "--limit-train", "512", "--data-dir", str(mnist_dir),
+                                      "--out", str(out)])
+    study_epoch.main()
+    record = json.loads(out.read_text())
+    (row,) = record["rounds"]
+    for side in ("reference", "normlab"):  # the same three models, trained and evaluated
+        assert set(row[side]["seconds"]) == {"bn+l1", "ln", "gn"}
+        assert all(0 <= acc <= 100 for acc in row[side]["test_acc"].values())
+        assert row[side]["wall_s"] > sum(row[side]["seconds"].values()) > 0
+    assert record["summary"]["train_ratio"] == pytest.approx(
+        sum(row["reference"]["seconds"].values()) / sum(row["normlab"]["seconds"].values()))
