@@ -193,6 +193,9 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     (lambda out: (out / "metrics.json").unlink(), 2, "not a normlab compare folder"),
     (lambda out: (out / "checkpoints" / "ln-seed1.ckpt").write_bytes(os.urandom(300)), 1,
      "ln-seed1.ckpt: not a loadable normlab training checkpoint"),
+    # A pickle that fetches a memo entry it never stored (a KeyError inside torch.load).
+    (lambda out: (out / "checkpoints" / "ln-seed1.ckpt").write_bytes(b"\x80\x02h\xce."), 1,
+     "ln-seed1.ckpt: not a loadable normlab training checkpoint"),
 ])
 def test_corrupt_resume_folder_gives_one_line(tiny_mnist, tmp_path, capsys, damage, code,
                                               message):
