@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import cli_error
-from normlab import distributed
+from normlab import distributed, study
 from normlab.checkpoint import read_weights
 from normlab.norms import BatchNorm2d, make_norm
 
@@ -387,7 +387,8 @@ def test_ctrl_c_with_jobs_stops_the_workers_and_says_how_to_resume(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--virtual-batch-size", "48"], "--virtual-batch-size 48 does not divide the batch of "
                                      "128 images; choose a divisor of 128"),
-    (["--jobs", "0"], "argument --jobs: must be positive, got 0"),
+    (["--jobs", "0"], "argument --jobs: expected a positive whole number or auto, got '0'"),
+    (["--jobs", "all"], "argument --jobs: expected a positive whole number or auto, got 'all'"),
     (["--variants", "sbn", "--virtual-batch-size", "16"], "sbn (synchronized Batch Norm) "
      "computes over the whole global batch; --virtual-batch-size does not combine with it"),
     (["--batch-size", "64", "--limit-train", "65", "--variants", "bn", "--virtual-batch-size",
@@ -399,6 +400,28 @@ def test_bad_parallel_arguments_give_one_line(args, message, tiny_mnist, tmp_pat
     code, line = cli_error(["compare", "--data-dir", str(folder), "--out", str(tmp_path / "r"),
                             *args], capsys)
     assert code == 2 and message in line, line
+
+
+def test_jobs_auto_uses_a_process_per_core_only_for_small_batch_runs_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(study, "cores", lambda: 2)
+    cpu, one = torch.device("cpu"), distributed.Ranks()
+    compare = [study.Run(v, 1, 128, 0.05, v, v) for v in ("bn+l1", "ln", "gn")]
+    sweep = [study.Run("bn", 1, b, 0.02, str(b), str(b)) for b in (2, 8, 128)]
+    images = 2 * 60_000  # two epochs of MNIST
+
+    def auto(runs, device=cpu, ranks=one, images=images):
+        return study.resolve_jobs("auto", runs, device, ranks, images)
+
+    assert auto(compare) == 1  # the default study
+    assert auto(sweep) == 2
+    assert auto(sweep[:1]) == 1  # nothing to share the cores with
+    assert auto(sweep, images=256) == 1  # starting workers would cost more than they save
+    assert auto(sweep, device=torch.device("cuda")) == 1
+    assert auto(sweep, ranks=distributed.from_env(dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
+                                                       LOCAL_WORLD_SIZE="2"))) == 1
+    assert study.resolve_jobs(3, compare, cpu, one, images) == 3  # asked for: as asked
+    monkeypatch.setattr(study, "cores", lambda: 1)
+    assert auto(sweep) == 1
 
 
 def test_jobs_under_torchrun_is_refused(tiny_mnist, tmp_path, capsys, monkeypatch):

@@ -35,10 +35,12 @@ from normlab import data as D
 from normlab.cli import main
 D.DATASETS["mnist"] = write_dataset(Path({folder!r}), n_train=3000, n_test=200)
 os.environ[D.ENV_VAR] = {folder!r}
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # --jobs workers re-import this file: only the launch runs main
+    sys.exit(main(sys.argv[1:]))
 """
+# One process (--jobs 1): these tests follow the runs one after another through a file.
 ARGS = ["compare", "--variants", "gn", "ln", "--epochs", "3", "--batch-size", "32",
-        "--no-progress", "--device", "cpu"]
+        "--no-progress", "--device", "cpu", "--jobs", "1"]
 
 
 @pytest.fixture

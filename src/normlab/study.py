@@ -382,20 +382,51 @@ def _device_for(args: argparse.Namespace, ranks: Ranks) -> torch.device:
     return device
 
 
-def _check_parallel(args: argparse.Namespace, ranks: Ranks) -> int | None:
-    """Refuse combinations that cannot work; return the torch threads per process (None:
-    one plain process keeps torch's default, which OMP_NUM_THREADS sets)."""
-    if args.jobs > 1 and ranks.distributed:
+# --jobs auto trains one run per core only where that measured faster on the 2-core CPU
+# (docs/performance.md): at batches under 64 images a step is dominated by per-step overhead
+# (Python, many small kernels) that a second thread does not share but a second process
+# does; from 64 up one run with every thread was as fast. A worker costs seconds to start
+# (torch, the data), so runs of fewer images than AUTO_JOBS_MIN_IMAGES stay in-process.
+AUTO_JOBS_BELOW_BATCH = 64
+AUTO_JOBS_MIN_IMAGES = 10_000
+
+
+def resolve_jobs(jobs: int | str, runs: list[Run], device: torch.device, ranks: Ranks,
+                 images_per_run: int) -> int:
+    """The number of runs to train at a time: ``jobs`` as asked, or for "auto" one per core
+    on a CPU when several runs train small batches over enough images; otherwise one (a GPU,
+    torchrun ranks, or steps that already keep every core busy)."""
+    if jobs != "auto":
+        return int(jobs)
+    if (device.type != "cpu" or ranks.distributed or len(runs) < 2 or cores() < 2
+            or min(run.batch_size for run in runs) >= AUTO_JOBS_BELOW_BATCH
+            or images_per_run < AUTO_JOBS_MIN_IMAGES):
+        return 1
+    return min(cores(), len(runs))
+
+
+def _check_parallel(args: argparse.Namespace, ranks: Ranks) -> None:
+    """Refuse combinations that cannot work."""
+    if args.jobs != "auto" and args.jobs > 1 and ranks.distributed:
         raise UsageError("--jobs runs independent runs in worker processes; under torchrun "
                          "each run is already spread over the ranks: drop --jobs or torchrun")
     if args.virtual_batch_size is not None and "sbn" in args.variants:
         raise UsageError("sbn (synchronized Batch Norm) computes over the whole global batch; "
                          "--virtual-batch-size does not combine with it")
+
+
+def _threads(args: argparse.Namespace, ranks: Ranks) -> int:
+    """Torch threads per process: --threads, else every core for one plain process
+    (torch's default, which OMP_NUM_THREADS sets), else the cores shared out."""
     if args.threads is not None:
-        return args.threads
-    if args.jobs == 1 and not ranks.distributed:
-        return None
-    return max(1, cores() // max(args.jobs, ranks.local_world_size))
+        threads = args.threads
+    elif args.jobs == 1 and not ranks.distributed:
+        return torch.get_num_threads()
+    else:
+        threads = max(1, cores() // max(args.jobs, ranks.local_world_size))
+    if args.jobs == 1:  # --jobs workers set theirs when they start
+        torch.set_num_threads(threads)
+    return threads
 
 
 class Study:
@@ -707,14 +738,12 @@ def run_study(study: Study) -> int:
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package: pip install "
                              "'normlab[tensorboard]'") from None
-    threads = _check_parallel(args, ranks)
+    _check_parallel(args, ranks)
     device = _device_for(args, ranks)
     ranks = distributed.start(ranks, device)
     try:
-        if args.jobs == 1 and threads is not None:
-            torch.set_num_threads(threads)
         with ExitStack() as stack:  # holds the output folder's lock until the study ends
-            return _run(study, ranks, device, threads or torch.get_num_threads(), stack)
+            return _run(study, ranks, device, stack)
     finally:
         distributed.close()
 
@@ -735,8 +764,7 @@ def _on_every_rank(ranks: Ranks, step: Callable[[], Any]) -> Any:
     return result
 
 
-def _run(study: Study, ranks: Ranks, device: torch.device, threads: int, stack: ExitStack
-         ) -> int:
+def _run(study: Study, ranks: Ranks, device: torch.device, stack: ExitStack) -> int:
     args = study.args
 
     def prepare() -> tuple[dict[str, Any] | None, Path]:
@@ -757,6 +785,9 @@ def _run(study: Study, ranks: Ranks, device: torch.device, threads: int, stack: 
     args.out = out  # named in the message if interrupted
     data = _on_every_rank(ranks, lambda: _load_and_check(study, record, ranks))
     args.precision = resolve_precision(args.precision, device)
+    args.jobs = resolve_jobs(args.jobs, study.runs(), device, ranks,
+                             args.epochs * len(data.train_labels))
+    threads = _threads(args, ranks)
     if record is None:
         record = {"command": shlex.join(["normlab", *args.argv]),
                   "started": datetime.now(UTC).isoformat(timespec="seconds"),
