@@ -106,14 +106,16 @@ def test_sync_batchnorm_over_two_ranks_equals_batchnorm_over_the_whole_batch(siz
     spawn(_sync_rank, sizes, momentum)
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("n, parts", [(128, 2), (96, 4), (7, 2), (9, 4)])
-def test_virtual_batches_equal_batchnorm_on_each_part(n, parts):
+def test_virtual_batches_equal_batchnorm_on_each_part(n, parts, fast):
     """Each part normalised exactly as nn.BatchNorm2d would normalise it alone; the running
-    statistics are the mean of the parts' (what averaging K devices' gives)."""
+    statistics are the mean of the parts' (what averaging K devices' gives); with PyTorch's
+    kernel and with the fast statistics."""
     torch.manual_seed(1)
-    x = (torch.randn(n, 5, 6, 6) * 3 + 1).requires_grad_()
+    x = (torch.randn(n, 5, 16, 16) * 3 + 1).requires_grad_()  # 16x16: fast=True applies
     upstream = torch.randn_like(x)
-    layer = BatchNorm2d(5, virtual_batches=parts)
+    layer = BatchNorm2d(5, virtual_batches=parts, fast=fast)
     layer.weight.data.uniform_(0.5, 1.5)
     oracles = [nn.BatchNorm2d(5) for _ in range(parts)]
     xo = x.detach().clone().requires_grad_()

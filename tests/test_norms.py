@@ -126,3 +126,85 @@ def test_make_norm_builds_each_named_layer():
     assert make_norm("syncbatch", 8).sync
     assert make_norm("group", 8, 2).num_groups == 2
     assert isinstance(make_norm("none", 8), nn.Identity)
+
+
+# -- the fast Batch Norm against nn.BatchNorm2d ------------------------------------------
+# float32 throughout; rtol/atol 1e-5 (outputs, gradients, running statistics): the two sum in
+# different orders, and a channel's output is (x - mean) / std, so rounding of the mean and
+# variance (a few float32 ulps) shows up at about 1e-6 of the output's scale.
+FAST_CLOSE = dict(rtol=1e-5, atol=1e-5)
+
+
+def _fast_and_oracle(channels: int, **kwargs) -> tuple[BatchNorm2d, nn.BatchNorm2d]:
+    oracle = nn.BatchNorm2d(channels, **kwargs)
+    if oracle.affine:
+        with torch.no_grad():
+            oracle.weight.uniform_(0.5, 1.5)
+            oracle.bias.uniform_(-1, 1)
+    fast = BatchNorm2d(channels, fast=True, **kwargs)
+    fast.load_state_dict(oracle.state_dict())
+    return fast, oracle
+
+
+@pytest.mark.parametrize("shape, scale, shift, kwargs", [
+    ((128, 16, 24, 24), 1.0, 0.0, {}),  # the model's largest map
+    ((64, 8, 26, 26), 3.0, 2.0, {"momentum": None}),  # cumulative running average
+    ((7, 5, 16, 16), 0.5, -1.0, {"affine": False}),
+    ((3, 4, 16, 17), 2.0, 0.5, {"eps": 1e-3}),
+    ((32, 6, 20, 20), 1.0, 0.0, {"track_running_stats": False}),
+    ((128, 12, 24, 24), 0.5, 5.0, {}),  # mean 10 std: float64 mean, two-pass variance
+])
+def test_fast_batchnorm_equals_nn_batchnorm2d(shape, scale, shift, kwargs):
+    """Three training steps and an eval step: outputs, input/weight/bias gradients for a
+    non-uniform upstream gradient, running statistics and the batch count."""
+    torch.manual_seed(3)
+    fast, oracle = _fast_and_oracle(shape[1], **kwargs)
+    for _ in range(3):
+        x = torch.randn(shape) * scale + shift
+        x.requires_grad_()
+        xo = x.detach().clone().requires_grad_()
+        upstream = torch.randn(shape)
+        y, yo = fast(x), oracle(xo)
+        torch.testing.assert_close(y, yo, **FAST_CLOSE)
+        (y * upstream).sum().backward()
+        (yo * upstream).sum().backward()
+        torch.testing.assert_close(x.grad, xo.grad, **FAST_CLOSE)
+        if oracle.affine:
+            for name in ("weight", "bias"):
+                torch.testing.assert_close(getattr(fast, name).grad,
+                                           getattr(oracle, name).grad, rtol=1e-4, atol=1e-3)
+    assert fast.state_dict().keys() == oracle.state_dict().keys()
+    for key, value in oracle.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[key], value, **FAST_CLOSE)
+    x = torch.randn(shape) * scale + shift
+    torch.testing.assert_close(fast.eval()(x), oracle.eval()(x), **FAST_CLOSE)
+
+
+def test_fast_batchnorm_variance_is_accurate_on_a_large_offset_map():
+    """PyTorch's vectorised statistics were rejected over accuracy on large maps (PR 113350):
+    here against a float64 computation, on maps whose mean is 1000 standard deviations."""
+    torch.manual_seed(4)
+    x = torch.randn(64, 4, 64, 64) + 1000.0
+    fast = BatchNorm2d(4, fast=True, momentum=1.0)  # running stats := this batch's
+    fast(x)
+    x64 = x.double()
+    torch.testing.assert_close(fast.running_mean.double(), x64.mean((0, 2, 3)), rtol=2.4e-7,
+                               atol=0)  # two float32 ulps
+    torch.testing.assert_close(fast.running_var.double(), x64.var((0, 2, 3)), rtol=1e-5,
+                               atol=0)
+
+
+def test_fast_batchnorm_leaves_other_inputs_to_pytorchs_kernel():
+    """Maps under FAST_MIN_PIXELS, bfloat16 and channels-last take nn.BatchNorm2d's own path:
+    bit for bit its result, and its error."""
+    torch.manual_seed(5)
+    fast, oracle = _fast_and_oracle(4)
+    assert fast._fast_for(torch.randn(8, 4, 16, 16))  # the path the tests above take
+    for x in (torch.randn(8, 4, 15, 15), torch.randn(8, 4, 16, 16).bfloat16(),
+              torch.randn(8, 4, 16, 16).contiguous(memory_format=torch.channels_last)):
+        f, o = (m.to(x.dtype) for m in (fast, oracle))
+        assert torch.equal(f(x), o(x))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        BatchNorm2d(4, fast=True)(torch.randn(1, 4, 1, 1))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        BatchNorm2d(4, fast=True, virtual_batches=2)(torch.randn(2, 4, 1, 1))

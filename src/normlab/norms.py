@@ -17,6 +17,12 @@ global batch, which is what Group Norm was invented to avoid (Wu & He, 2018). On
 
 All three keep ``nn.BatchNorm2d``'s running statistics (unbiased variance, same momentum)
 and its state_dict keys, so their weights load into one another.
+
+``fast=True`` computes the plain and virtual-batch training statistics of large maps with
+Group Norm's vectorised kernel instead of Batch Norm's scalar loop (``_FastBatchNorm``);
+outputs, gradients and running statistics agree with
+``nn.BatchNorm2d`` to float32 rounding, not bit for bit, so it is off by default until the
+committed results are re-run with it (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -49,6 +55,57 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
+class _FastBatchNorm(torch.autograd.Function):
+    """Training-mode Batch Norm of a float32 NCHW tensor with statistics from Group Norm's
+    kernel.
+
+    PyTorch's CPU Batch Norm gathers each channel's statistics in a scalar loop over N x H x
+    W (vectorising it, pytorch PR 113350, was closed over accuracy on large maps), which
+    made its forward the slowest norm kernel of a step. Group Norm's kernel, with one group
+    per channel, gets every image's per-channel mean and 1/std in one vectorised Welford
+    pass over contiguous rows; Chan et al.'s formula combines them exactly (the channel's
+    variance is the mean of the images' variances plus the variance of their means), on
+    N x C numbers, with no ``E[x^2] - mean^2`` cancellation. PyTorch's own vectorised
+    kernels then apply ``x * alpha + beta`` (its eval-mode path, fed these statistics) and
+    compute the exact training gradients (``native_batch_norm_backward`` with the saved
+    mean and 1/std).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, c = x.shape[:2]
+        _, means, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, x[0, 0].numel(),
+                                                          c, 0.0)
+        mean = means.mean(0)
+        var = rstd.pow(-2).mean(0) + (means - mean).square().mean(0)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        # Eval mode with running_var 0 and eps 1 multiplies by exactly 1/sqrt(1): y = x *
+        # scale + (bias - mean * scale), in PyTorch's vectorised kernel.
+        y = torch.ops.aten.native_batch_norm(x, scale, bias, mean, torch.zeros_like(var),
+                                             False, 0.0, 1.0)[0]
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _mean: None, _var: None
+                 ) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps,
+            [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+             ctx.needs_input_grad[2]])
+        return grad_x, grad_weight, grad_bias, None
+
+
+# The fast statistics won on 26x26 and 24x24 maps (about 2x the forward) and lost on 10x10
+# and smaller (benchmarks/fast_batchnorm.py).
+FAST_MIN_PIXELS = 256
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose training statistics may come from parts of the batch
     (``virtual_batches``) or from every rank's batch (``sync``); see the module docstring.
@@ -62,7 +119,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
                  virtual_batches: int = 1, sync: bool = False, process_group=None,
-                 device=None, dtype=None) -> None:
+                 fast: bool = False, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         if virtual_batches < 1:
@@ -71,18 +128,25 @@ class BatchNorm2d(nn.BatchNorm2d):
             raise ValueError("synchronized Batch Norm normalises over the whole global batch; "
                              "it cannot also use virtual batches")
         self.virtual_batches, self.sync, self.process_group = virtual_batches, sync, process_group
+        self.fast = fast
 
     def extra_repr(self) -> str:
         extra = f", virtual_batches={self.virtual_batches}" if self.virtual_batches > 1 else ""
-        return super().extra_repr() + extra + (", sync=True" if self.sync else "")
+        return (super().extra_repr() + extra + (", sync=True" if self.sync else "")
+                + (", fast=True" if self.fast else ""))
 
     def _synchronised(self) -> bool:
         return (self.sync and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not (self.virtual_batches > 1 or self._synchronised()):
+        if not self.training or not (self.virtual_batches > 1 or self._synchronised()
+                                     or self._fast_for(x)):
             return super().forward(x)
+        if self.virtual_batches == 1 and not self.sync:  # plain, with the fast statistics
+            y, mean, var = self._batch_norm(x, self.weight, self.bias)
+            self._update_running(mean, var)
+            return y
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D")
         # Statistics in float32 also under bfloat16 autocast, as PyTorch's kernels keep them.
@@ -91,15 +155,14 @@ class BatchNorm2d(nn.BatchNorm2d):
         return y.to(x.dtype)
 
     def _virtual_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """PyTorch's own batch_norm per part. Running buffers of the parts' size with momentum
-        1 receive each part's mean and unbiased variance, which we then average."""
+        """Batch Norm per part (``_batch_norm``), whose means and unbiased variances we then
+        average for the running statistics."""
         k, c = self.virtual_batches, self.num_features
         n = len(x)
         if n % k == 0:  # the usual case: one call on (N/K, K*C, H, W), parts side by side
             parts = x.reshape(k, n // k, c, *x.shape[2:]).transpose(0, 1).flatten(1, 2)
-            mean, var = x.new_zeros(k * c), x.new_ones(k * c)
-            y = F.batch_norm(parts, mean, var, self._repeat(self.weight, k),
-                             self._repeat(self.bias, k), True, 1.0, self.eps)
+            y, mean, var = self._batch_norm(parts, self._repeat(self.weight, k),
+                                            self._repeat(self.bias, k))
             y = y.reshape(n // k, k, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
             self._update_running(mean.view(k, c).mean(0), var.view(k, c).mean(0))
             return y
@@ -108,13 +171,33 @@ class BatchNorm2d(nn.BatchNorm2d):
         for part in x.tensor_split(k):
             if len(part) == 0:
                 continue
-            mean, var = x.new_zeros(c), x.new_ones(c)
-            outputs.append(F.batch_norm(part, mean, var, self.weight, self.bias, True, 1.0,
-                                        self.eps))
+            y, mean, var = self._batch_norm(part, self.weight, self.bias)
+            outputs.append(y)
             means.append(mean)
             variances.append(var)
         self._update_running(torch.stack(means).mean(0), torch.stack(variances).mean(0))
         return torch.cat(outputs)
+
+    def _fast_for(self, x: torch.Tensor) -> bool:
+        """Whether ``_FastBatchNorm`` applies: asked for, on a float32 NCHW CPU tensor whose
+        maps have at least ``FAST_MIN_PIXELS`` pixels. Smaller maps, where a few more small
+        operations cost more than the faster statistics save, and anything else go to
+        PyTorch's kernel."""
+        return (self.fast and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.dim() == 4 and x.is_contiguous() and x.shape[0] > 0
+                and x[0, 0].numel() >= FAST_MIN_PIXELS)
+
+    def _batch_norm(self, x: torch.Tensor, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Training-mode Batch Norm of ``x`` over its own statistics: the output, and the
+        per-channel mean and unbiased variance for the running statistics."""
+        if self._fast_for(x):
+            y, mean, var = _FastBatchNorm.apply(x, weight, bias, self.eps)
+            n = x.numel() // x.shape[1]
+            return y, mean, var * (n / (n - 1))
+        # Running buffers with momentum 1 receive the batch's mean and unbiased variance.
+        mean, var = x.new_zeros(x.shape[1]), x.new_ones(x.shape[1])
+        return F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.eps), mean, var
 
     @staticmethod
     def _repeat(param: torch.Tensor | None, k: int) -> torch.Tensor | None:
