@@ -71,6 +71,24 @@ def test_test_returns_mean_nll_and_accuracy_of_the_whole_set():
     assert acc == pytest.approx(100 * (out.argmax(1) == y).float().mean().item())
 
 
+@pytest.mark.parametrize("norm", ["batch", "group", "layer"])
+def test_evaluation_in_chunks_gives_the_numbers_of_one_pass_per_batch(norm, monkeypatch):
+    """test() runs 1000-image batches in chunks of EVAL_CHUNK on a CPU (faster: the chunk's
+    activations stay in cache); loss and accuracy must be bit for bit those of whole batches,
+    as the committed results were measured."""
+    torch.manual_seed(2)
+    model = Net(norm)
+    for layer in model.modules():  # trained-looking running statistics, not 0 and 1
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+    images = torch.randint(0, 256, (2100, 28, 28), dtype=torch.uint8)
+    loader = Loader(images, torch.randint(0, 10, (2100,)), 1000)
+    chunked = engine.test(model, CPU, loader)
+    monkeypatch.setattr(engine, "EVAL_CHUNK", 10_000)
+    assert engine.test(model, CPU, loader) == chunked
+
+
 def test_misclassified_returns_only_wrong_predictions_in_order():
     torch.manual_seed(1)
     model = Net("batch").eval()  # untrained: plenty of mistakes

@@ -284,6 +284,21 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
     return total_loss.item() / int(seen), 100.0 * correct.item() / int(seen)
 
 
+# On a CPU, evaluation runs the model on chunks of this many images of each test batch: a
+# 1000-image batch's activations (22 MB after the first convolution) overflow the caches,
+# 250 images' fit, and the chunked pass was 2.7x faster on the project's CPU. Each image's
+# logits do not depend on the others in its batch (checked bit for bit on every study model,
+# float32 and bfloat16), and the loss is still summed over the whole test batch, so the
+# numbers are those of one 1000-image pass (tests/test_engine.py).
+EVAL_CHUNK = 250
+
+
+def _forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu" or len(x) <= EVAL_CHUNK:  # a GPU wants large batches
+        return model(x)
+    return torch.cat([model(part) for part in x.split(EVAL_CHUNK)])
+
+
 @torch.inference_mode()
 def test(model: nn.Module, device: torch.device, loader: Loader, precision: str = "fp32"
          ) -> tuple[float, float]:
@@ -302,7 +317,7 @@ def test(model: nn.Module, device: torch.device, loader: Loader, precision: str 
             continue
         x, y = x.to(device), y.to(device)
         with autocast(device, precision):
-            output = at_least_fp32(model(x))
+            output = at_least_fp32(_forward(model, x, device))
         batch_loss[i] = F.nll_loss(output, y, reduction="sum")
         batch_correct[i] = (output.argmax(1) == y).sum()
     if world > 1:  # every batch was evaluated by exactly one rank: the sum adds zeros only
