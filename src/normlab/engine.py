@@ -287,9 +287,9 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
 # On a CPU, evaluation runs the model on chunks of this many images of each test batch: a
 # 1000-image batch's activations (22 MB after the first convolution) overflow the caches,
 # 250 images' fit, and the chunked pass was 2.7x faster on the project's CPU. Each image's
-# logits do not depend on the others in its batch (checked bit for bit on every study model,
-# float32 and bfloat16), and the loss is still summed over the whole test batch, so the
-# numbers are those of one 1000-image pass (tests/test_engine.py).
+# logits do not depend on the others in its batch (checked bit for bit on the study's models
+# in float32 and bfloat16; docs/performance.md), and the loss is still summed over the whole
+# test batch, so the numbers are those of one 1000-image pass (tests/test_engine.py).
 EVAL_CHUNK = 250
 
 
