@@ -180,6 +180,15 @@ def test_fast_batchnorm_equals_nn_batchnorm2d(shape, scale, shift, kwargs):
     torch.testing.assert_close(fast.eval()(x), oracle.eval()(x), **FAST_CLOSE)
 
 
+def test_fast_synchronized_batchnorm_in_one_process_is_fast_plain_batchnorm():
+    torch.manual_seed(6)
+    oracle = nn.BatchNorm2d(4)
+    synced = BatchNorm2d(4, sync=True, fast=True)
+    x = torch.randn(8, 4, 16, 16)
+    torch.testing.assert_close(synced(x), oracle(x), **FAST_CLOSE)
+    torch.testing.assert_close(synced.running_var, oracle.running_var, **FAST_CLOSE)
+
+
 def test_fast_batchnorm_variance_is_accurate_on_a_large_offset_map():
     """PyTorch's vectorised statistics were rejected over accuracy on large maps (PR 113350):
     here against a float64 computation, on maps whose mean is 1000 standard deviations."""

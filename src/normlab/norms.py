@@ -140,13 +140,12 @@ class BatchNorm2d(nn.BatchNorm2d):
                 and dist.get_world_size(self.process_group) > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not (self.virtual_batches > 1 or self._synchronised()
-                                     or self._fast_for(x)):
+        if not self.training or not (self.virtual_batches > 1 or self._synchronised()):
+            if self.training and self._fast_for(x):  # plain Batch Norm, fast statistics
+                y, mean, var = self._batch_norm(x, self.weight, self.bias)
+                self._update_running(mean, var)
+                return y
             return super().forward(x)
-        if self.virtual_batches == 1 and not self.sync:  # plain, with the fast statistics
-            y, mean, var = self._batch_norm(x, self.weight, self.bias)
-            self._update_running(mean, var)
-            return y
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D")
         # Statistics in float32 also under bfloat16 autocast, as PyTorch's kernels keep them.

@@ -415,16 +415,17 @@ def _check_parallel(args: argparse.Namespace, ranks: Ranks) -> None:
                          "--virtual-batch-size does not combine with it")
 
 
-def _threads(args: argparse.Namespace, ranks: Ranks) -> int:
-    """Torch threads per process: --threads, else every core for one plain process
-    (torch's default, which OMP_NUM_THREADS sets), else the cores shared out."""
+def _set_threads(args: argparse.Namespace, ranks: Ranks) -> int:
+    """Set and return the torch threads per process: --threads, else every core for one
+    plain process (torch's default, which OMP_NUM_THREADS sets), else the cores shared out
+    (--jobs workers set theirs when they start)."""
     if args.threads is not None:
         threads = args.threads
     elif args.jobs == 1 and not ranks.distributed:
         return torch.get_num_threads()
     else:
         threads = max(1, cores() // max(args.jobs, ranks.local_world_size))
-    if args.jobs == 1:  # --jobs workers set theirs when they start
+    if args.jobs == 1:
         torch.set_num_threads(threads)
     return threads
 
@@ -787,7 +788,7 @@ def _run(study: Study, ranks: Ranks, device: torch.device, stack: ExitStack) -> 
     args.precision = resolve_precision(args.precision, device)
     args.jobs = resolve_jobs(args.jobs, study.runs(), device, ranks,
                              args.epochs * len(data.train_labels))
-    threads = _threads(args, ranks)
+    threads = _set_threads(args, ranks)
     if record is None:
         record = {"command": shlex.join(["normlab", *args.argv]),
                   "started": datetime.now(UTC).isoformat(timespec="seconds"),
