@@ -108,3 +108,27 @@ def test_study_epoch_times_both_ways_of_running_the_study(mnist_dir, tmp_path, m
         assert row[side]["wall_s"] > sum(row[side]["seconds"].values()) > 0
     assert record["summary"]["train_ratio"] == pytest.approx(
         sum(row["reference"]["seconds"].values()) / sum(row["normlab"]["seconds"].values()))
+
+
+@pytest.mark.slow
+def test_fast_batchnorm_benchmark_times_the_layer_and_whole_steps(mnist_dir, tmp_path,
+                                                                   monkeypatch):
+    import json
+
+    import fast_batchnorm
+
+    out = tmp_path / "fast.json"
+    monkeypatch.setattr(sys, "argv", ["fast_batchnorm.py", "--rounds", "1", "--steps", "2",
+                                      "--calls", "1", "--variants", "bn", "bn@16",
+                                      "--data-dir", str(mnist_dir), "--out", str(out)])
+    fast_batchnorm.main()
+    record = json.loads(out.read_text())
+    # every Batch Norm input of the model, largest map first, both layers timed
+    assert [row["shape"] for row in record["layers"]][:2] == [[128, 8, 26, 26],
+                                                              [128, 16, 24, 24]]
+    assert len(record["layers"]) == 7
+    assert all(row[k] > 0 for row in record["layers"] for k in row if k.endswith("_ms"))
+    assert set(record["steps"]) == {"bn", "bn@16"}
+    for r in record["steps"].values():
+        assert r["speed_up"] == pytest.approx(r["pytorch_ms_per_step"][0]
+                                              / r["fast_ms_per_step"][0], rel=5e-3)
