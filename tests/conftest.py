@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,10 @@ def mnist_dir() -> Path:
     if folder is None:
         pytest.skip("real MNIST not available: set NORMLAB_DATA to a folder with the IDX files")
     return folder
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for children a test interrupts: SIGINT back to its default, since a
+    shell starting the test suite in the background (``cmd &``) leaves it ignored, and
+    Python then installs no KeyboardInterrupt handler in its children."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import cli_error
+from conftest import cli_error, default_sigint
 from normlab import distributed, study
 from normlab.checkpoint import read_weights
 from normlab.norms import BatchNorm2d, make_norm
@@ -174,7 +174,8 @@ def launch(args: list[str], env: dict[str, str], nproc: int = 0, cwd: Path | Non
     else:
         command = [sys.executable, str(DRIVER)]
     return subprocess.Popen(command + args, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
 
 
 def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_error
+from conftest import cli_error, default_sigint
 from normlab import data as D
 from normlab import engine
 from normlab.checkpoint import CheckpointError, atomic_write, load_model
@@ -50,7 +50,7 @@ def driver(tmp_path):
 
     def start(*args):
         return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     return start
 
