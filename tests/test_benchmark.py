@@ -1,6 +1,8 @@
 """The throughput benchmark keeps working: its reference pipeline is faithful, its FLOP count
 matches a hand count, and both pipelines measure on the real data (a few steps only)."""
 
+import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -73,17 +75,18 @@ def test_tune_architecture_strings_round_trip():
     assert tune.format_arch(ARCHITECTURE) == "8,16,p,8t,12,16,16,20"
 
 
+def _run_script(monkeypatch, name: str, *args: str) -> None:
+    """Run benchmarks/<name>.py's main() with ``args`` as its command line."""
+    module = importlib.import_module(name)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *args])
+    module.main()
+
+
 @pytest.mark.slow
 def test_tune_screens_on_held_out_training_images(mnist_dir, tmp_path, monkeypatch):
-    import json
-
-    import tune
-
     log = tmp_path / "screen.jsonl"
-    monkeypatch.setattr(sys, "argv", ["tune.py", "--variant", "gn", "--epochs", "1",
-                                      "--holdout", "59000", "--data-dir", str(mnist_dir),
-                                      "--log", str(log)])
-    tune.main()
+    _run_script(monkeypatch, "tune", "--variant", "gn", "--epochs", "1", "--holdout", "59000",
+                "--data-dir", str(mnist_dir), "--log", str(log))
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert record["validation_images"] == 59000 and record["variant"] == "gn"
     assert len(record["val_acc"]) == 1 and 10 < record["final_val_acc"] <= 100
@@ -91,15 +94,9 @@ def test_tune_screens_on_held_out_training_images(mnist_dir, tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_study_epoch_times_both_ways_of_running_the_study(mnist_dir, tmp_path, monkeypatch):
-    import json
-
-    import study_epoch
-
     out = tmp_path / "study.json"
-    monkeypatch.setattr(sys, "argv", ["study_epoch.py", "--rounds", "1", "--workers", "0",
-                                      "--limit-train", "512", "--data-dir", str(mnist_dir),
-                                      "--out", str(out)])
-    study_epoch.main()
+    _run_script(monkeypatch, "study_epoch", "--rounds", "1", "--workers", "0", "--limit-train",
+                "512", "--data-dir", str(mnist_dir), "--out", str(out))
     record = json.loads(out.read_text())
     (row,) = record["rounds"]
     for side in ("reference", "normlab"):  # the same three models, trained and evaluated
@@ -113,15 +110,9 @@ def test_study_epoch_times_both_ways_of_running_the_study(mnist_dir, tmp_path, m
 @pytest.mark.slow
 def test_fast_batchnorm_benchmark_times_the_layer_and_whole_steps(mnist_dir, tmp_path,
                                                                    monkeypatch):
-    import json
-
-    import fast_batchnorm
-
     out = tmp_path / "fast.json"
-    monkeypatch.setattr(sys, "argv", ["fast_batchnorm.py", "--rounds", "1", "--steps", "2",
-                                      "--calls", "1", "--variants", "bn", "bn@16",
-                                      "--data-dir", str(mnist_dir), "--out", str(out)])
-    fast_batchnorm.main()
+    _run_script(monkeypatch, "fast_batchnorm", "--rounds", "1", "--steps", "2", "--calls", "1",
+                "--variants", "bn", "bn@16", "--data-dir", str(mnist_dir), "--out", str(out))
     record = json.loads(out.read_text())
     # every Batch Norm input of the model, largest map first, both layers timed
     assert [row["shape"] for row in record["layers"]][:2] == [[128, 8, 26, 26],

@@ -348,7 +348,7 @@ def misclassified(model: nn.Module, device: torch.device, loader: Loader, n: int
     found: list[tuple[int, int, int, float]] = []
     offset = 0
     for x, y in loader:
-        output = model(x.to(device))
+        output = _forward(model, x.to(device), device)
         prob, pred = output.exp().max(1)
         for i in torch.nonzero(pred != y.to(device)).flatten().tolist():
             found.append((offset + i, int(pred[i]), int(y[i]), float(prob[i])))

@@ -140,18 +140,18 @@ class BatchNorm2d(nn.BatchNorm2d):
                 and dist.get_world_size(self.process_group) > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not (self.virtual_batches > 1 or self._synchronised()):
-            if self.training and self._fast_for(x):  # plain Batch Norm, fast statistics
-                y, mean, var = self._batch_norm(x, self.weight, self.bias)
-                self._update_running(mean, var)
-                return y
-            return super().forward(x)
-        if x.dim() != 4:
-            raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D")
-        # Statistics in float32 also under bfloat16 autocast, as PyTorch's kernels keep them.
-        full = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = self._sync_forward(full) if self.sync else self._virtual_forward(full)
-        return y.to(x.dtype)
+        if self.training and (self.virtual_batches > 1 or self._synchronised()):
+            if x.dim() != 4:
+                raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D")
+            # Statistics in float32 also under bfloat16 autocast, as PyTorch's kernels do.
+            full = x.to(torch.promote_types(x.dtype, torch.float32))
+            y = self._sync_forward(full) if self.sync else self._virtual_forward(full)
+            return y.to(x.dtype)
+        if self.training and self._fast_for(x):  # plain Batch Norm, fast statistics
+            y, mean, var = self._batch_norm(x, self.weight, self.bias)
+            self._update_running(mean, var)
+            return y
+        return super().forward(x)
 
     def _virtual_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Batch Norm per part (``_batch_norm``), whose means and unbiased variances we then

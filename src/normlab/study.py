@@ -786,8 +786,8 @@ def _run(study: Study, ranks: Ranks, device: torch.device, stack: ExitStack) -> 
     args.out = out  # named in the message if interrupted
     data = _on_every_rank(ranks, lambda: _load_and_check(study, record, ranks))
     args.precision = resolve_precision(args.precision, device)
-    args.jobs = resolve_jobs(args.jobs, study.runs(), device, ranks,
-                             args.epochs * len(data.train_labels))
+    runs = study.runs()
+    args.jobs = resolve_jobs(args.jobs, runs, device, ranks, args.epochs * len(data.train_labels))
     threads = _set_threads(args, ranks)
     if record is None:
         record = {"command": shlex.join(["normlab", *args.argv]),
@@ -811,7 +811,6 @@ def _run(study: Study, ranks: Ranks, device: torch.device, stack: ExitStack) -> 
                         args.precision, args.virtual_batch_size, not args.no_progress,
                         args.seeds[0], record["environment"]["git_revision"],
                         args.tensorboard, writes=ranks.leader)
-    runs = study.runs()
     todo = [r for r in runs if not study.finished(record, r)]
     count = {"done": len(runs) - len(todo)}
 
