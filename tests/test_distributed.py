@@ -47,13 +47,13 @@ def free_port() -> int:
 
 # -- the layers, against nn.BatchNorm2d -------------------------------------------------
 
-def _sync_rank(rank: int, world: int, port: int, sizes: list[int], momentum: float | None
-               ) -> None:
+def _sync_rank(rank: int, world: int, port: int, sizes: list[int], momentum: float | None,
+               side: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     try:
         torch.manual_seed(0)
-        x = torch.randn(sum(sizes), 5, 6, 6) * 3 + 1
+        x = torch.randn(sum(sizes), 5, side, side) * 3 + 1
         upstream = torch.randn_like(x)
         oracle = nn.BatchNorm2d(5, momentum=momentum)
         oracle.weight.data.uniform_(0.5, 1.5)
@@ -99,11 +99,14 @@ def spawn(fn, *args, world: int = 2) -> None:
                 p.kill()
 
 
-@pytest.mark.parametrize("sizes, momentum", [([6, 6], 0.1), ([7, 2], 0.1), ([5, 3], None)])
-def test_sync_batchnorm_over_two_ranks_equals_batchnorm_over_the_whole_batch(sizes, momentum):
+@pytest.mark.parametrize("sizes, momentum, side", [
+    ([6, 6], 0.1, 6), ([7, 2], 0.1, 16), ([5, 3], None, 6), ([5, 0], 0.1, 6)])
+def test_sync_batchnorm_over_two_ranks_equals_batchnorm_over_the_whole_batch(sizes, momentum,
+                                                                             side):
     """Outputs, input gradients, weight/bias gradients and running statistics, also with
-    unequal per-rank batches and with momentum=None (cumulative average)."""
-    spawn(_sync_rank, sizes, momentum)
+    unequal per-rank batches, a rank with no images, momentum=None (cumulative average), and
+    on small and large maps."""
+    spawn(_sync_rank, sizes, momentum, side)
 
 
 @pytest.mark.parametrize("fast", [False, True])

@@ -12,17 +12,19 @@ global batch, which is what Group Norm was invented to avoid (Wu & He, 2018). On
 * ``virtual_batches=K``: each training batch is split into K parts (as ``torch.tensor_split``
   splits it over K devices) and each part is normalised with its own statistics -- "ghost
   batch norm" (Hoffer et al., 2017), the per-device effect inside one process;
-* ``sync=True``: statistics over the whole global batch of every rank, from an
-  autograd-aware all-reduce, so it runs on CPU (``nn.SyncBatchNorm`` refuses CPU tensors).
+* ``sync=True``: statistics over the whole global batch of every rank, gathered and
+  reduced with ``torch.distributed``, so it runs on CPU (``nn.SyncBatchNorm`` refuses CPU
+  tensors).
 
 All three keep ``nn.BatchNorm2d``'s running statistics (unbiased variance, same momentum)
 and its state_dict keys, so their weights load into one another.
 
-``fast=True`` computes the plain and virtual-batch training statistics of large maps with
-Group Norm's vectorised kernel instead of Batch Norm's scalar loop (``_FastBatchNorm``);
-outputs, gradients and running statistics agree with
-``nn.BatchNorm2d`` to float32 rounding, not bit for bit, so it is off by default until the
-committed results are re-run with it (docs/performance.md).
+One implementation, ``_FastBatchNorm``, computes the statistics from Group Norm's vectorised
+kernel instead of Batch Norm's scalar loop and serves all three: the synchronized layer
+always, plain and virtual batches with ``fast=True`` on maps of ``FAST_MIN_PIXELS`` or more.
+It agrees with ``nn.BatchNorm2d`` (outputs, gradients, running statistics) to float32
+rounding, not bit for bit, so ``fast`` is off by default and the plain and virtual-batch
+results keep PyTorch's kernel (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -36,28 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """All-reduce (sum) whose gradient is again the sum over ranks: every rank's loss depends
-    on the shared statistics, so each rank's input gradient must collect every rank's terms
-    (what ``torch.distributed.nn.functional.all_reduce`` did before its deprecation)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 class _FastBatchNorm(torch.autograd.Function):
-    """Training-mode Batch Norm of a float32 NCHW tensor with statistics from Group Norm's
-    kernel.
+    """Training-mode Batch Norm of an NCHW tensor with statistics from Group Norm's kernel,
+    over this batch or (``group``) over every rank's batch.
 
     PyTorch's CPU Batch Norm gathers each channel's statistics in a scalar loop over N x H x
     W (vectorising it, pytorch PR 113350, was closed over accuracy on large maps), which
@@ -65,44 +48,105 @@ class _FastBatchNorm(torch.autograd.Function):
     per channel, gets every image's per-channel mean and 1/std in one vectorised Welford
     pass over contiguous rows; Chan et al.'s formula combines them exactly (the channel's
     variance is the mean of the images' variances plus the variance of their means), on
-    N x C numbers, with no ``E[x^2] - mean^2`` cancellation. PyTorch's own vectorised
-    kernels then apply ``x * alpha + beta`` (its eval-mode path, fed these statistics) and
-    compute the exact training gradients (``native_batch_norm_backward`` with the saved
-    mean and 1/std).
+    N x C numbers, with no ``E[x^2] - mean^2`` cancellation. The same formula, weighted by
+    each rank's pixel count, combines the ranks' statistics: one all-gather of 1 + 2C
+    numbers. PyTorch's own vectorised kernels then apply ``x * alpha + beta`` (its eval-mode
+    path, fed these statistics) and compute the gradients (below).
+
+    Returns the output, the mean and the *unbiased* variance (for the running statistics).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                eps: float, group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, c = x.shape[:2]
-        _, means, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, x[0, 0].numel(),
-                                                          c, 0.0)
-        mean = means.mean(0)
-        var = rstd.pow(-2).mean(0) + (means - mean).square().mean(0)
+        count = x.numel() // c  # values per channel
+        if n:
+            _, means, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, count // n,
+                                                              c, 0.0)
+            mean = means.mean(0)
+            var = rstd.pow(-2).mean(0) + (means - mean).square().mean(0)
+        else:  # a rank with no images this step still joins the all-gather
+            mean, var = x.new_zeros(c), x.new_zeros(c)
+        if group is None:
+            bessel = count / max(count - 1, 1)  # for the unbiased running variance
+        else:  # count becomes a tensor: no host sync on a GPU
+            mean, var, count = _over_ranks(mean, var, count, group)
+            bessel = count / (count - 1).clamp(min=1)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
-        # Eval mode with running_var 0 and eps 1 multiplies by exactly 1/sqrt(1): y = x *
-        # scale + (bias - mean * scale), in PyTorch's vectorised kernel.
-        y = torch.ops.aten.native_batch_norm(x, scale, bias, mean, torch.zeros_like(var),
-                                             False, 0.0, 1.0)[0]
+        y = _affine(x, scale, bias, mean)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps = eps
+        ctx.eps, ctx.group, ctx.count = eps, group, count
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y, mean, var * bessel
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _mean: None, _var: None
                  ) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps,
-            [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-             ctx.needs_input_grad[2]])
-        return grad_x, grad_weight, grad_bias, None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w = need_w and weight is not None
+        if ctx.group is None:
+            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps,
+                [need_x, need_w, need_b])
+            return grad_x, grad_w, grad_b, None, None
+        # Synchronised: the input gradient needs sum(dy) and sum(dy * (x - mean)) over every
+        # rank's images. The eval-mode backward with scale w/std, running_var 0 and eps 1
+        # gives this rank's two sums and the first term, dy * w/std, in one pass.
+        scale = invstd if weight is None else invstd * weight
+        if len(x):
+            first, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad.contiguous(), x, scale, mean, torch.zeros_like(mean), None, None, False,
+                1.0, [need_x, True, True])
+        else:  # (the native kernel divides by zero on an empty batch)
+            first = torch.zeros_like(x)
+            sum_dy_xmu, sum_dy = mean.new_zeros(2, len(mean))
+        # Weight and bias gradients are this rank's share, as DistributedDataParallel expects.
+        grad_w = sum_dy_xmu * invstd if need_w else None
+        grad_b = sum_dy if need_b else None
+        grad_x = None
+        if need_x:
+            sums = torch.stack([sum_dy, sum_dy_xmu])
+            dist.all_reduce(sums, group=ctx.group)
+            # dx = w/std * (dy - sum(dy)/n - (x - mean)/std^2 * sum(dy (x - mean))/n)
+            #    = first - (x * k + b), with the per-channel k and b below.
+            k = scale * invstd.square() * sums[1] / ctx.count
+            b = scale * sums[0] / ctx.count - mean * k
+            grad_x = first.sub_(_affine(x, k, b)) if len(x) else first
+        return grad_x, grad_w, grad_b, None, None
 
 
-# The fast statistics won on 26x26 and 24x24 maps (about 2x the forward) and lost on 10x10
-# and smaller (benchmarks/fast_batchnorm.py).
+def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
+            mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x - mean) * scale + shift`` per channel in one vectorised pass: PyTorch's eval-mode
+    Batch Norm with running_var 0 and eps 1 multiplies by exactly 1/sqrt(1)."""
+    mean = torch.zeros_like(scale) if mean is None else mean
+    return torch.ops.aten.native_batch_norm(x, scale, shift, mean, torch.zeros_like(scale),
+                                            False, 0.0, 1.0)[0]
+
+
+def _over_ranks(mean: torch.Tensor, var: torch.Tensor, count: int, group
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's (pixel count, mean, biased variance) per channel, combined exactly by
+    Chan's formula in float64 (ranks may hold unequal batches, even none). The count comes
+    back as a 0-d tensor."""
+    mine = torch.cat([mean.new_tensor([count], dtype=torch.float64), mean.double(),
+                      var.double()])
+    ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(ranks, mine, group=group)
+    table = torch.stack(ranks)
+    counts, means, variances = table[:, :1], table[:, 1:1 + len(mean)], table[:, 1 + len(mean):]
+    total = counts.sum()
+    overall = (counts * means).sum(0) / total
+    spread = (counts * (variances + (means - overall).square())).sum(0) / total
+    return overall.to(mean.dtype), spread.to(var.dtype), total
+
+
+# Against PyTorch's kernel the fast statistics won on 26x26 and 24x24 maps (about 2x the
+# forward) and lost on 10x10 and smaller (benchmarks/fast_batchnorm.py). The synchronized
+# layer has no PyTorch kernel to fall back on and uses them at every size.
 FAST_MIN_PIXELS = 256
 
 
@@ -147,7 +191,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             full = x.to(torch.promote_types(x.dtype, torch.float32))
             y = self._sync_forward(full) if self.sync else self._virtual_forward(full)
             return y.to(x.dtype)
-        if self.training and self._fast_for(x):  # plain Batch Norm, fast statistics
+        if self.training and len(x) and self._fast_for(x):  # plain, fast statistics
             y, mean, var = self._batch_norm(x, self.weight, self.bias)
             self._update_running(mean, var)
             return y
@@ -178,22 +222,20 @@ class BatchNorm2d(nn.BatchNorm2d):
         return torch.cat(outputs)
 
     def _fast_for(self, x: torch.Tensor) -> bool:
-        """Whether ``_FastBatchNorm`` applies: asked for, on a float32 NCHW CPU tensor whose
-        maps have at least ``FAST_MIN_PIXELS`` pixels. Smaller maps, where a few more small
-        operations cost more than the faster statistics save, and anything else go to
-        PyTorch's kernel."""
+        """Whether plain or virtual batches take ``_FastBatchNorm``: asked for, on a float32
+        NCHW CPU tensor whose maps have at least ``FAST_MIN_PIXELS`` pixels. Smaller maps,
+        where a few more small operations cost more than the faster statistics save, and
+        anything else go to PyTorch's kernel."""
         return (self.fast and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.dim() == 4 and x.is_contiguous() and x.shape[0] > 0
-                and x[0, 0].numel() >= FAST_MIN_PIXELS)
+                and x.dim() == 4 and x.is_contiguous()
+                and x.shape[2] * x.shape[3] >= FAST_MIN_PIXELS)
 
     def _batch_norm(self, x: torch.Tensor, weight: torch.Tensor | None,
                     bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """Training-mode Batch Norm of ``x`` over its own statistics: the output, and the
         per-channel mean and unbiased variance for the running statistics."""
         if self._fast_for(x):
-            y, mean, var = _FastBatchNorm.apply(x, weight, bias, self.eps)
-            n = x.numel() // x.shape[1]
-            return y, mean, var * (n / (n - 1))
+            return _FastBatchNorm.apply(x, weight, bias, self.eps)
         # Running buffers with momentum 1 receive the batch's mean and unbiased variance.
         mean, var = x.new_zeros(x.shape[1]), x.new_ones(x.shape[1])
         return F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.eps), mean, var
@@ -203,22 +245,13 @@ class BatchNorm2d(nn.BatchNorm2d):
         return None if param is None else param.repeat(k)
 
     def _sync_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Two-pass statistics over every rank's images: the global mean from an all-reduce
-        of (sum, count), then the variance from an all-reduce of squared deviations from it
-        (no sum-of-squares cancellation). The all-reduces carry gradients, so each rank's
-        backward sees every rank's contribution; ranks with unequal batches weigh exactly."""
+        """Batch Norm over every rank's images, by ``_FastBatchNorm`` at any map size: one
+        all-gather of each rank's (count, mean, variance) forward, one all-reduce of two
+        gradient sums backward, so ranks with unequal batches (or none) weigh exactly."""
         group = self.process_group or dist.group.WORLD
-        count = x.new_tensor([x.numel() / x.shape[1]])
-        totals = _SumOverRanks.apply(torch.cat([x.sum((0, 2, 3)), count]), group)
-        n = totals[-1]
-        mean = totals[:-1] / n
-        centred = x - mean[None, :, None, None]
-        var = _SumOverRanks.apply(centred.square().sum((0, 2, 3)), group) / n
-        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        with torch.no_grad():
-            self._update_running(mean, var * n / (n - 1).clamp(min=1))
+        y, mean, var = _FastBatchNorm.apply(x.contiguous(), self.weight, self.bias, self.eps,
+                                            group)
+        self._update_running(mean, var)
         return y
 
     @torch.no_grad()
