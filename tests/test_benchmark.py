@@ -123,3 +123,26 @@ def test_fast_batchnorm_benchmark_times_the_layer_and_whole_steps(mnist_dir, tmp
     for r in record["steps"].values():
         assert r["speed_up"] == pytest.approx(r["pytorch_ms_per_step"][0]
                                               / r["fast_ms_per_step"][0], rel=5e-3)
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / ".git").exists(),
+                    reason="needs the git checkout")
+def test_ab_times_one_command_at_each_revision_from_its_own_worktree(tmp_path, capfd):
+    import ab
+
+    out = tmp_path / "ab.json"
+    which = "import sys, normlab; print('imported', normlab.__file__, file=sys.stderr)"
+    assert ab.main(["--base", "HEAD", "--rounds", "2", "--out", str(out), "--",
+                    sys.executable, "-c", which]) == 0
+    record = json.loads(out.read_text())
+    assert record["revisions"]["base"] == record["revisions"]["head"] == ab.git(
+        "rev-parse", "--short=12", "HEAD")
+    assert [len(t) for t in record["wall_s"].values()] == [2, 2]
+    assert record["speed_up"] > 0
+    # each run imported normlab from that revision's worktree, not from this checkout
+    imported = [line.split()[1] for line in capfd.readouterr().err.splitlines()
+                if line.startswith("imported")]
+    assert len(imported) == 4
+    assert all("normlab-ab-" in path and "/src/normlab/" in path for path in imported)
+    assert {Path(p).parts[-4] for p in imported} == {"base", "head"}
+    assert "normlab-ab-" not in ab.git("worktree", "list")  # and they are gone
