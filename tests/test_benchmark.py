@@ -146,3 +146,17 @@ def test_ab_times_one_command_at_each_revision_from_its_own_worktree(tmp_path, c
     assert all("normlab-ab-" in path and "/src/normlab/" in path for path in imported)
     assert {Path(p).parts[-4] for p in imported} == {"base", "head"}
     assert "normlab-ab-" not in ab.git("worktree", "list")  # and they are gone
+
+
+def test_conv_layers_times_every_convolution_and_checked_alternatives(tmp_path, monkeypatch):
+    out = tmp_path / "conv.json"
+    _run_script(monkeypatch, "conv_layers", "--calls", "1", "--out", str(out))
+    record = json.loads(out.read_text())
+    convs = [(n, c, k) for n, c, k in ARCHITECTURE if n != "pool"]
+    assert [r["layer"] for r in record["layers"]] == [n for n, _, _ in convs]
+    assert [r["out"] for r in record["layers"]] == [c for _, c, _ in convs]
+    # the multiply-adds add up to the hand count of the FLOP test (less the classifier)
+    assert sum(r["mmacs_per_image"] for r in record["layers"]) * 2e6 == pytest.approx(
+        throughput.flops_per_image("gn")["forward"] - 2 * 20 * 10, rel=1e-3)
+    assert record["layers"][0]["input_grad_ms"] is None  # the input needs no gradient
+    assert record["largest"] == "conv2" and len(record["alternatives_ms"]) == 7

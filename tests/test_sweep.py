@@ -51,7 +51,8 @@ def test_sweep_resumes_only_the_missing_runs(tiny_mnist, tmp_path, capsys):
         del partial["runs"][key]
     (out / "sweep.json").write_text(json.dumps(partial))
     capsys.readouterr()
-    assert main(["sweep", "--resume", str(out), "--data-dir", str(folder), "--no-progress"]) == 0
+    resume = ["sweep", "--resume", str(out), "--data-dir", str(folder), "--no-progress"]
+    assert main(resume) == 0
     printed = capsys.readouterr().out
     assert printed.count(" steps  test error ") == 2 and "[7/8] gn " in printed
     after = json.loads((out / "sweep.json").read_text())
@@ -59,6 +60,22 @@ def test_sweep_resumes_only_the_missing_runs(tiny_mnist, tmp_path, capsys):
         b, a = before["runs"][key], after["runs"][key]
         assert {k: v for k, v in a.items() if k != "wall_time_s"} == \
                {k: v for k, v in b.items() if k != "wall_time_s"}
+    assert after["parallel"] == before["parallel"] and "resumed_parallel" not in after
+
+    # A resume that trains in another way: the record still says how the sweep was trained
+    # and names the runs trained otherwise; one that trains nothing changes neither.
+    del after["runs"]["bn/bs4/seed2"]
+    (out / "sweep.json").write_text(json.dumps(after))
+    for _ in range(2):
+        assert main([*resume, "--jobs", "2"]) == 0
+        again = json.loads((out / "sweep.json").read_text())
+        assert again["parallel"] == before["parallel"] and before["parallel"]["jobs"] == 1
+        assert again["resumed_parallel"] == [{
+            "parallel": {**before["parallel"], "jobs": 2, "threads_per_process": 1},
+            "runs": ["bn/bs4/seed2"]}]
+    assert (f"- parallelism: one process, {before['parallel']['threads_per_process']} "
+            "thread(s); 1 run(s) of a resume: 2 runs at a time in separate processes, "
+            "1 thread(s) each") in (out / "report.md").read_text()
 
 
 def test_sweep_refuses_an_existing_sweep_folder(tiny_mnist, tmp_path, capsys):

@@ -139,9 +139,17 @@ def _reproduce_heading(record: dict[str, Any]) -> list[str]:
 
 
 def parallel_line(record: dict[str, Any]) -> str:
-    """How the runs were spread over processes (older records: one process)."""
-    p = record.get("parallel") or {}
-    threads = p.get("threads_per_process", record["environment"].get("torch_threads"))
+    """How the runs were spread over processes (older records: one process), and how the
+    runs of a resume that trained differently were."""
+    line = _parallelism(record.get("parallel") or {}, record["environment"])
+    for resumed in record.get("resumed_parallel", []):
+        line += (f"; {len(resumed['runs'])} run(s) of a resume: "
+                 f"{_parallelism(resumed['parallel'], record['environment'])}")
+    return line
+
+
+def _parallelism(p: dict[str, Any], environment: dict[str, Any]) -> str:
+    threads = p.get("threads_per_process", environment.get("torch_threads"))
     if p.get("world_size", 1) > 1:
         per_device = (f", {p['images_per_device']} images per device"
                       if p.get("images_per_device") else "")

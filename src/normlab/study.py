@@ -798,10 +798,19 @@ def _run(study: Study, ranks: Ranks, device: torch.device, stack: ExitStack) -> 
     if "environment" not in record:
         record["environment"] = environment(device)
         record["environment"]["torch_threads"] = threads  # what each run trained with
-    record["parallel"] = dict(
+    todo = [r for r in runs if not study.finished(record, r)]
+    parallel = dict(
         world_size=ranks.world_size, nodes=ranks.nodes, backend=ranks.backend,
         images_per_device=args.batch_size // ranks.world_size if study.kind == "compare"
         else None, jobs=args.jobs, threads_per_process=threads)
+    # Like "environment", "parallel" says how the study's runs were trained: a resume keeps
+    # it, and notes the runs it trains in another way (a resume that trains nothing, e.g.
+    # to redo a study's last step, changes nothing).
+    if not args.resume:
+        record["parallel"] = parallel
+    elif todo and parallel != record.get("parallel"):
+        record.setdefault("resumed_parallel", []).append(
+            {"parallel": parallel, "runs": [run.key for run in todo]})
     if ranks.leader:
         write_json(out / study.record_name, record)
         (out / "checkpoints").mkdir(exist_ok=True)
@@ -811,7 +820,6 @@ def _run(study: Study, ranks: Ranks, device: torch.device, stack: ExitStack) -> 
                         args.precision, args.virtual_batch_size, not args.no_progress,
                         args.seeds[0], record["environment"]["git_revision"],
                         args.tensorboard, writes=ranks.leader)
-    todo = [r for r in runs if not study.finished(record, r)]
     count = {"done": len(runs) - len(todo)}
 
     def on_done(run: Run, result: dict[str, Any]) -> None:
