@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from normlab.model import ARCHITECTURE
+from normlab.model import Net
 from normlab.report import cpu_name, git_revision
 
 BATCH = 128
@@ -50,21 +51,25 @@ def gradients(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, data: bool, wei
 
 
 def layers() -> list[tuple[str, int, int, int, int]]:
-    """(name, in channels, out channels, kernel, input side) of each convolution."""
-    rows, side, channels = [], 28, 1
-    for name, out, kernel in ARCHITECTURE:
-        if name == "pool":
-            side //= 2
-            continue
-        rows.append((name, channels, out, kernel, side))
-        side, channels = side - kernel + 1, out
+    """(name, in channels, out channels, kernel, input side) of each convolution of ``Net``
+    before its classifier, read off the model on a 1x28x28 input."""
+    model, rows = Net(), []
+    for (name, _, _), block in zip(model.architecture, model.features, strict=True):
+        if isinstance(block, nn.Sequential):  # conv -> norm -> ReLU; the rest are pools
+            block[0].register_forward_pre_hook(
+                lambda conv, args, name=name: rows.append(
+                    (name, conv.in_channels, conv.out_channels, conv.kernel_size[0],
+                     args[0].shape[-1])))
+    model(torch.zeros(1, 1, 28, 28))
     return rows
 
 
-def layer_times(name: str, cin: int, cout: int, k: int, side: int, calls: int) -> dict:
+def layer_times(name: str, cin: int, cout: int, k: int, side: int, calls: int, first: bool
+                ) -> dict:
+    """Median times of one convolution's kernels; ``first``: its input is the image, which
+    needs no gradient."""
     x, w = torch.randn(BATCH, cin, side, side), torch.randn(cout, cin, k, k)
     g = torch.randn(BATCH, cout, side - k + 1, side - k + 1)
-    first = name == ARCHITECTURE[0][0]  # the first layer needs no input gradient
     return {"layer": name, "in": cin, "out": cout, "kernel": k, "input_side": side,
             "mmacs_per_image": round((side - k + 1) ** 2 * cout * cin * k * k / 1e6, 4),
             "forward_ms": round(ms(lambda: F.conv2d(x, w), calls), 3),
@@ -112,7 +117,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=40)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    rows = [layer_times(*layer, args.calls) for layer in layers()]
+    rows = [layer_times(*layer, args.calls, first=i == 0) for i, layer in enumerate(layers())]
     for r in rows:
         grad = "-" if r["input_grad_ms"] is None else f"{r['input_grad_ms']:.3f}"
         print(f"{r['layer']:6s} {r['in']:2d}->{r['out']:2d} {r['kernel']}x{r['kernel']} on "

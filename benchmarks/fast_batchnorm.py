@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from normlab.data import Loader, load_data
+from normlab.data import Loader, load_data, make_loaders
 from normlab.engine import DEFAULTS, VARIANTS, make_optimizer, train
 from normlab.model import Net
 from normlab.norms import BatchNorm2d
@@ -91,10 +91,7 @@ def layer_times(rounds: int, calls: int) -> list[dict]:
 
 def step_speedups(variants: list[str], rounds: int, steps: int, data_dir: str | None
                   ) -> dict[str, dict]:
-    data = load_data(data_dir)
-    batches = Loader(data.train_images[:steps * BATCH], data.train_labels[:steps * BATCH],
-                     BATCH, shuffle=True, augment=True, seed=0, mean=data.spec.mean,
-                     std=data.spec.std)
+    batches, _ = make_loaders(load_data(data_dir, limit_train=steps * BATCH), BATCH, seed=0)
     results = {}
     for spec in variants:
         name, _, vbs = spec.partition("@")  # "bn@16": Batch Norm over 16-image parts
