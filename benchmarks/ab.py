@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("give the command to time after --")
-    revisions = {name: git("rev-parse", "--short=12", rev)
-                 for name, rev in (("base", args.base), ("head", args.head))}
+    try:
+        revisions = {name: git("rev-parse", "--verify", "--short=12", f"{rev}^{{commit}}")
+                     for name, rev in (("base", args.base), ("head", args.head))}
+    except subprocess.CalledProcessError as exc:
+        p.error(f"not a revision of this repository: {exc.cmd[-1].removesuffix('^{commit}')!r}")
     times: dict[str, list[float]] = {"base": [], "head": []}
     with tempfile.TemporaryDirectory(prefix="normlab-ab-") as tmp:
         trees = {name: Path(tmp) / name for name in revisions}
@@ -70,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for r in range(1, args.rounds + 1):
                 for name in ("base", "head") if r % 2 else ("head", "base"):
-                    seconds = timed_run(command, trees[name] / "src",
-                                        Path(tmp) / f"run-{name}-{r}")
+                    try:
+                        seconds = timed_run(command, trees[name] / "src",
+                                            Path(tmp) / f"run-{name}-{r}")
+                    except subprocess.CalledProcessError as exc:
+                        print(f"ab.py: the command failed at {name} ({revisions[name]}) with "
+                              f"exit code {exc.returncode}; its error output is above",
+                              file=sys.stderr)
+                        return 1
                     times[name].append(seconds)
                     print(f"round {r}: {name} ({revisions[name]}) {seconds:.1f} s", flush=True)
         finally:

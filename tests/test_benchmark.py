@@ -125,8 +125,11 @@ def test_fast_batchnorm_benchmark_times_the_layer_and_whole_steps(mnist_dir, tmp
                                               / r["fast_ms_per_step"][0], rel=5e-3)
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / ".git").exists(),
-                    reason="needs the git checkout")
+needs_git = pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / ".git").exists(),
+                               reason="needs the git checkout")
+
+
+@needs_git
 def test_ab_times_one_command_at_each_revision_from_its_own_worktree(tmp_path, capfd):
     import ab
 
@@ -146,6 +149,35 @@ def test_ab_times_one_command_at_each_revision_from_its_own_worktree(tmp_path, c
     assert all("normlab-ab-" in path and "/src/normlab/" in path for path in imported)
     assert {Path(p).parts[-4] for p in imported} == {"base", "head"}
     assert "normlab-ab-" not in ab.git("worktree", "list")  # and they are gone
+
+
+@needs_git
+@pytest.mark.parametrize("args, line", [
+    (["--base", "HEAD"], "ab.py: error: give the command to time after --"),
+    (["--base", "no-such-rev", "--", "true"],
+     "ab.py: error: not a revision of this repository: 'no-such-rev'"),
+])
+def test_ab_refuses_a_missing_command_or_an_unknown_revision_in_one_line(args, line, capsys,
+                                                                         monkeypatch):
+    import ab
+
+    monkeypatch.setattr(sys, "argv", ["ab.py"])
+    with pytest.raises(SystemExit) as exit_:
+        ab.main(args)
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == line
+
+
+@needs_git
+def test_ab_stops_in_one_line_when_the_command_fails_and_removes_its_worktrees(capfd):
+    import ab
+
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    assert ab.main(["--base", "HEAD", "--rounds", "2", "--", *failing]) == 1
+    head = ab.git("rev-parse", "--short=12", "HEAD")
+    assert capfd.readouterr().err.splitlines()[-1] == (
+        f"ab.py: the command failed at base ({head}) with exit code 3; its error output is "
+        "above")
+    assert "normlab-ab-" not in ab.git("worktree", "list")
 
 
 def test_conv_layers_times_every_convolution_and_checked_alternatives(tmp_path, monkeypatch):
