@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from normlab.report import cpu_name, git_revision
-from normlab.study import cores
+from normlab.runner import cores
 
 MODES = {
     "1 process x all threads": ["{normlab}", "compare"],

@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import cli_error, default_sigint
-from normlab import distributed, study
+from normlab import distributed, runner
 from normlab.checkpoint import read_weights
 from normlab.norms import BatchNorm2d, make_norm
 
@@ -409,14 +409,14 @@ def test_bad_parallel_arguments_give_one_line(args, message, tiny_mnist, tmp_pat
 
 
 def test_jobs_auto_uses_a_process_per_core_only_for_small_batch_runs_on_a_cpu(monkeypatch):
-    monkeypatch.setattr(study, "cores", lambda: 2)
+    monkeypatch.setattr(runner, "cores", lambda: 2)
     cpu, one = torch.device("cpu"), distributed.Ranks()
-    compare = [study.Run(v, 1, 128, 0.05, v, v) for v in ("bn+l1", "ln", "gn")]
-    sweep = [study.Run("bn", 1, b, 0.02, str(b), str(b)) for b in (2, 8, 128)]
+    compare = [runner.Run(v, 1, 128, 0.05, v, v) for v in ("bn+l1", "ln", "gn")]
+    sweep = [runner.Run("bn", 1, b, 0.02, str(b), str(b)) for b in (2, 8, 128)]
     images = 2 * 60_000  # two epochs of MNIST
 
     def auto(runs, device=cpu, ranks=one, images=images):
-        return study.resolve_jobs("auto", runs, device, ranks, images)
+        return runner.resolve_jobs("auto", runs, device, ranks, images)
 
     assert auto(compare) == 1  # the default study
     assert auto(sweep) == 2
@@ -425,8 +425,8 @@ def test_jobs_auto_uses_a_process_per_core_only_for_small_batch_runs_on_a_cpu(mo
     assert auto(sweep, device=torch.device("cuda")) == 1
     assert auto(sweep, ranks=distributed.from_env(dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
                                                        LOCAL_WORLD_SIZE="2"))) == 1
-    assert study.resolve_jobs(3, compare, cpu, one, images) == 3  # asked for: as asked
-    monkeypatch.setattr(study, "cores", lambda: 1)
+    assert runner.resolve_jobs(3, compare, cpu, one, images) == 3  # asked for: as asked
+    monkeypatch.setattr(runner, "cores", lambda: 1)
     assert auto(sweep) == 1
 
 

@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from normlab.cli import add_explain_parser as add_parser
+from normlab.cli import cmd_explain as run
 from normlab.explain import (
     EPS,
     TECHNIQUES,
-    add_parser,
     build_example,
     draw_figure,
     explain,
     format_text,
-    run,
     stat_counts,
     to_json,
     to_markdown,

@@ -26,7 +26,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     wheel = next(dist.glob("normlab-*.whl"))
     assert next(dist.glob("normlab-*.tar.gz"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("cli", "study", "norms", "distributed", "engine", "data", "checkpoint"):
+    for module in ("cli", "runner", "experiments/compare", "norms", "distributed", "engine",
+                   "data", "checkpoint", "explain/compute"):
         assert f"normlab/{module}.py" in names
     assert not any(n.startswith("tests/") for n in names)
 
@@ -52,8 +53,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         return done.stdout
 
     where = subprocess.run([str(python), "-c", "import normlab; print(normlab.__file__)"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True).stdout
-    assert where.startswith(str(env_dir)), where
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert where.stdout.startswith(str(env_dir)), where.stdout + where.stderr
     assert run("--version").strip() == f"normlab {__version__}"  # no git checkout there
     assert "Batch Norm" in run("explain")
     mnist = real_mnist_dir()

@@ -13,8 +13,8 @@ from torch import nn
 from conftest import cli_error
 from normlab.checkpoint import read_weights
 from normlab.cli import main
+from normlab.experiments.statistics import plot_statistics, plot_statistics_seen
 from normlab.norms import BatchNorm2d, statistics_seen
-from normlab.plots import plot_statistics, plot_statistics_seen
 
 GRID = ["--images-per-statistic", "2", "16", "--batch-size", "16", "--limit-train", "256",
         "--epochs", "1", "--device", "cpu", "--no-progress"]
@@ -110,9 +110,9 @@ def test_statistics_refuses_to_run_under_torchrun(capsys, monkeypatch, tmp_path)
 
 def test_a_failed_torchrun_part_is_one_line_and_keeps_the_finished_runs(mnist_dir, tmp_path,
                                                                         capsys, monkeypatch):
-    import normlab.study
+    import normlab.runner
 
-    monkeypatch.setattr(normlab.study.sys, "executable", "/bin/false")  # the launch fails
+    monkeypatch.setattr(normlab.runner.sys, "executable", "/bin/false")  # the launch fails
     out = tmp_path / "stats"
     code, line = cli_error(["statistics", "--images-per-statistic", "16", "--batch-size", "16",
                             "--limit-train", "64", "--epochs", "1", "--seeds", "1",

@@ -8,9 +8,9 @@ import torch
 from normlab import data as D
 from normlab.cli import main
 from normlab.engine import Misclassified
-from normlab.plots import plot_misclassified, plot_sweep
-from normlab.report import render_sweep_report
-from normlab.sweep import DEFAULT_LR, error_table, scaled_lr
+from normlab.experiments.sweep import DEFAULT_LR, error_table, plot_sweep, scaled_lr
+from normlab.experiments.sweep import render_report as render_sweep_report
+from normlab.plots import plot_misclassified
 
 
 def _sweep(folder, out, *extra):

@@ -1,0 +1,517 @@
+"""The runner: executes an experiment's list of training runs -- one after another, ``--jobs N``
+at a time in worker processes, or each across K data-parallel processes (torchrun).
+
+It owns everything that does not depend on which experiment runs: the output folder and its
+lock, resuming, the record rewritten after every finished run, checkpoints after every epoch,
+and which process may write (rank 0 under torchrun; the parent for ``--jobs``, whose workers
+write only their own run's weights, checkpoint and figure). What an experiment is -- its
+runs, what it keeps of each, its report and figures -- is the ``Experiment`` it is given; the
+experiments live in ``normlab.experiments``, one module each, and this module imports none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .checkpoint import CheckpointError, disk_full, write_json
+from .data import Data, DataError
+from .distributed import Ranks
+from .engine import (
+    VARIANTS,
+    TrainingDiverged,
+    check_split,
+    resolve_precision,
+    select_device,
+    train_model,
+)
+from .experiments.base import Experiment, Run, Settings
+from .model import Net
+from .report import environment
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for, reported as one line with exit code 2."""
+
+
+class WorkerDied(Exception):
+    """A --jobs worker (or a launched part of an experiment) ended without finishing."""
+
+
+def error_line(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for the failures normlab expects; None for a bug."""
+    if isinstance(exc, UsageError):
+        return 2, f"error: {exc}"
+    if isinstance(exc, DataError):
+        return 1, f"data error: {exc}"
+    if isinstance(exc, CheckpointError | WorkerDied):
+        return 1, f"error: {exc}"
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        fix = "free some space" if disk_full(exc) else "fix that"
+        return 1, (f"error: cannot write{where} ({exc.strerror or exc}); its previous version "
+                   f"and every finished epoch are kept: {fix}, then resume")
+    return None
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def checkpoint_of(out: Path, run: Run) -> Path:
+    return out / "checkpoints" / f"{run.stem}.ckpt"
+
+
+# -- executing one run (in this process, a --jobs worker, or on every rank)
+
+def execute(run: Run, experiment: Experiment, s: Settings, data: Data, device: torch.device
+            ) -> dict[str, Any]:
+    """Train ``run`` (resuming its checkpoint if any) and return what ``experiment`` keeps
+    of it."""
+    variant = VARIANTS[run.variant]
+    board = _board(s, run)
+
+    def log(epoch: int, row: dict[str, float]) -> None:
+        if board is not None:
+            for name, value in (("loss/train", row["train_loss"]),
+                                (f"loss/{data.eval_split}", row["test_loss"]),
+                                ("accuracy/train", row["train_acc"]),
+                                (f"accuracy/{data.eval_split}", row["test_acc"]),
+                                ("learning_rate", row["lr"])):
+                board.add_scalar(name, value, epoch)
+            board.flush()  # so that a live `tensorboard --logdir` shows every epoch
+        if s.writes and experiment.epoch_lines:
+            tqdm.write(f"  {run.label} epoch {epoch:2d}/{s.epochs}  lr {row['lr']:.4f}  "
+                       f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
+                       f"{data.eval_split} loss {row['test_loss']:.4f} "
+                       f"acc {row['test_acc']:6.2f}%  {row['epoch_time']:5.1f}s")
+
+    try:
+        model, history = train_model(
+            variant.norm, lambda_l1=s.lambda_l1 if variant.l1 else 0.0,
+            num_groups=s.num_groups, epochs=s.epochs, seed=run.seed, batch_size=run.batch_size,
+            lr=run.lr, device=device, data=data, name=run.label, progress=s.progress,
+            on_epoch=log, checkpoint=checkpoint_of(s.out, run), precision=s.precision,
+            virtual_batch_size=run.split(s.virtual_batch_size))
+    except TrainingDiverged as exc:
+        if s.writes:
+            print(f"normlab {experiment.name}: error: {exc}; carrying on with the other runs",
+                  file=sys.stderr)
+        return experiment.failed(run, str(exc), data, s)
+    finally:
+        if board is not None:
+            board.close()
+    return experiment.result(run, model, history, data, device, s)
+
+
+def _board(s: Settings, run: Run):
+    """A TensorBoard writer for this run (rank 0 only), or None."""
+    if s.tensorboard is None or not s.writes:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(s.tensorboard / run.stem))
+
+
+# -- --jobs: independent runs in worker processes
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(threads: int, data: Data, device: torch.device) -> None:
+    """A --jobs worker: its thread count, the shared data, and Ctrl-C ignored between runs
+    (a terminal's Ctrl-C reaches every process; a worker waiting for work has nothing to
+    save and must not die with a traceback)."""
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker.update(data=data, device=device)
+
+
+def _execute_in_worker(run: Run, experiment: Experiment, s: Settings) -> dict[str, Any]:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # interruptible while training
+    try:
+        return execute(run, experiment, s, _worker["data"], _worker["device"])
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_parallel(runs: list[Run], experiment: Experiment, s: Settings, data: Data,
+                 device: torch.device, jobs: int, threads: int,
+                 on_done: Callable[[Run, dict[str, Any]], None]) -> None:
+    """Execute ``runs`` ``jobs`` at a time in spawned processes of ``threads`` threads each;
+    ``on_done`` records each as it finishes. An interrupt or error stops the workers (each
+    keeps its last finished epoch's checkpoint) before it is re-raised."""
+    context = torch.multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                               initargs=(threads, data, device))
+    quiet = replace(s, progress=False)
+    pending = {pool.submit(_execute_in_worker, run, experiment, quiet): run for run in runs}
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise WorkerDied("a --jobs worker process died (killed, or out of "
+                                     "memory); finished runs and epochs are saved") from None
+                on_done(pending.pop(future), result)
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        for child in multiprocessing.active_children():  # a busy worker saves and stops
+            os.kill(child.pid, signal.SIGINT)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def launch_torchrun(processes: int, argv: list[str]) -> int:
+    """Run ``normlab ARGV`` data-parallel on ``processes`` processes of this machine
+    (``torchrun --standalone``) and return its exit code, for an experiment with a
+    multi-process part. On Ctrl-C, which reaches the child too, it gets a minute to save its
+    epoch and stop before it is terminated."""
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                "--nproc-per-node", str(processes), "-m", "normlab", *argv])
+    try:
+        return process.wait()
+    except BaseException:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait()
+        raise
+
+
+# -- the output folder
+
+def prepare_out(out: Path | None, kind: str, record: str) -> Path:
+    """Create the output folder (a fresh one under runs/ by default) and prove it writable."""
+    if out is None:
+        out = Path("runs") / datetime.now().strftime(f"%Y%m%d-%H%M%S-{kind}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if (out / record).exists():
+        raise UsageError(f"--out {out} already holds a run ({record}); continue it with "
+                         f"--resume {out}, or choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".normlab-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to --out {out} ({exc.strerror}); choose a writable "
+                         f"folder") from None
+    return out
+
+
+def open_resume(args: argparse.Namespace, record: str) -> dict[str, Any]:
+    """Load ``record`` from the run folder ``args.resume`` and put its settings into ``args``.
+
+    A resumed run uses the run's own settings, not this command line's defaults.
+    """
+    out = args.resume
+    path = out / record
+    if not out.is_dir():
+        raise UsageError(f"--resume {out}: no such folder")
+    if not path.exists():
+        raise UsageError(f"--resume {out}: not a normlab {args.command} folder (no {record}); "
+                         f"start a new run with --out")
+    try:
+        results = json.loads(path.read_text())
+        config = results["config"]
+        for key in ("variants", "epochs", "lambda_l1", "num_groups", "dataset"):
+            config[key]  # noqa: B018 - presence check
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot resume "
+                         f"from it: start a new run with --out") from None
+    apply_config(args, config)
+    return results
+
+
+def apply_config(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    for key, value in config.items():
+        setattr(args, {"lambda_l1": "l1", "seed": "seeds"}.get(key, key),
+                [value] if key == "seed" else value)  # records before --seeds had one
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` so that two runs never write into one folder."""
+    try:
+        import fcntl
+    except ImportError:  # Windows has no fcntl: run without the lock
+        yield
+        return
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another normlab run is writing to {out}; wait for it to finish "
+                             f"or choose another --out") from None
+        yield
+
+
+# -- how the runs are spread: devices, --jobs, threads
+
+def build_models(variants: list[str], num_groups: int) -> dict[str, Net]:
+    """One untrained model per variant; raises UsageError for an impossible combination."""
+    try:
+        return {name: Net(VARIANTS[name].norm, num_groups=num_groups) for name in variants}
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _device_for(args: argparse.Namespace, ranks: Ranks) -> torch.device:
+    try:
+        device = select_device(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if ranks.distributed and device.type == "cuda":  # one GPU per local rank
+        if ranks.local_world_size > torch.cuda.device_count():
+            raise UsageError(f"{ranks.local_world_size} processes on this machine but "
+                             f"{torch.cuda.device_count()} GPU(s); use --nproc-per-node "
+                             f"{torch.cuda.device_count()} or --device cpu")
+        device = torch.device("cuda", ranks.local_rank)
+    elif ranks.distributed and device.type != "cpu":
+        raise UsageError(f"data-parallel runs use CPUs (gloo) or CUDA GPUs (nccl), not "
+                         f"{device.type}")
+    return device
+
+
+# --jobs auto trains one run per core only where that measured faster on the 2-core CPU
+# (docs/performance.md): at batches under 64 images a step is dominated by per-step overhead
+# (Python, many small kernels) that a second thread does not share but a second process
+# does; from 64 up one run with every thread was as fast. A worker costs seconds to start
+# (torch, the data), so runs of fewer images than AUTO_JOBS_MIN_IMAGES stay in-process.
+AUTO_JOBS_BELOW_BATCH = 64
+AUTO_JOBS_MIN_IMAGES = 10_000
+
+
+def resolve_jobs(jobs: int | str, runs: list[Run], device: torch.device, ranks: Ranks,
+                 images_per_run: int) -> int:
+    """The number of runs to train at a time: ``jobs`` as asked, or for "auto" one per core
+    on a CPU when several runs train small batches over enough images; otherwise one (a GPU,
+    torchrun ranks, or steps that already keep every core busy)."""
+    if jobs != "auto":
+        return int(jobs)
+    if (device.type != "cpu" or ranks.distributed or len(runs) < 2 or cores() < 2
+            or min(run.batch_size for run in runs) >= AUTO_JOBS_BELOW_BATCH
+            or images_per_run < AUTO_JOBS_MIN_IMAGES):
+        return 1
+    return min(cores(), len(runs))
+
+
+def _check_parallel(args: argparse.Namespace, ranks: Ranks) -> None:
+    """Refuse combinations that cannot work."""
+    if args.jobs != "auto" and args.jobs > 1 and ranks.distributed:
+        raise UsageError("--jobs runs independent runs in worker processes; under torchrun "
+                         "each run is already spread over the ranks: drop --jobs or torchrun")
+    if args.virtual_batch_size is not None and "sbn" in args.variants:
+        raise UsageError("sbn (synchronized Batch Norm) computes over the whole global batch; "
+                         "--virtual-batch-size does not combine with it")
+
+
+def _set_threads(args: argparse.Namespace, ranks: Ranks) -> int:
+    """Set and return the torch threads per process: --threads, else every core for one
+    plain process (torch's default, which OMP_NUM_THREADS sets), else the cores shared out
+    (--jobs workers set theirs when they start)."""
+    if args.threads is not None:
+        threads = args.threads
+    elif args.jobs == 1 and not ranks.distributed:
+        return torch.get_num_threads()
+    else:
+        threads = max(1, cores() // max(args.jobs, ranks.local_world_size))
+    if args.jobs == 1:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def _parallel_note(ranks: Ranks, jobs: int, threads: int) -> str:
+    if ranks.distributed:
+        return (f"; {ranks.world_size} processes on {ranks.nodes} machine(s) ({ranks.backend}), "
+                f"{threads} thread(s) each")
+    if jobs > 1:
+        return f"; {jobs} runs at a time, {threads} thread(s) each"
+    return ""
+
+
+# -- one experiment from start to finish, in whichever way it is parallel
+
+def run_experiment(experiment: Experiment) -> int:
+    """Prepare (rank 0), load data (every rank), run what is not finished, write the report.
+
+    Under torchrun every rank runs this; only rank 0 touches the output folder, and a step
+    that fails on one rank makes every rank stop with that rank's one-line error.
+    """
+    experiment.check()
+    args = experiment.args
+    try:
+        ranks = distributed.from_env()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    build_models(args.variants, args.num_groups)  # fail fast, before any data is read
+    if args.tensorboard is not None:
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # needs tensorboard installed
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install "
+                             "'normlab[tensorboard]'") from None
+    _check_parallel(args, ranks)
+    device = _device_for(args, ranks)
+    ranks = distributed.start(ranks, device)
+    try:
+        with ExitStack() as stack:  # holds the output folder's lock until the run ends
+            return _run(experiment, ranks, device, stack)
+    finally:
+        distributed.close()
+
+
+def _on_every_rank(ranks: Ranks, step: Callable[[], Any]) -> Any:
+    """Run ``step``; under torchrun, a failure on any rank stops every rank with it."""
+    try:
+        try:
+            result = step()
+        except ValueError as exc:  # an impossible setting, found once the data is known
+            raise UsageError(str(exc)) from None
+    except (UsageError, DataError, CheckpointError) as exc:
+        if ranks.distributed:
+            distributed.agree(error_line(exc))
+        raise
+    if ranks.distributed:
+        distributed.agree(None)
+    return result
+
+
+def _run(experiment: Experiment, ranks: Ranks, device: torch.device, stack: ExitStack) -> int:
+    args = experiment.args
+
+    def prepare() -> tuple[dict[str, Any] | None, Path]:
+        if not ranks.leader:
+            return None, Path(".")
+        record = open_resume(args, experiment.record_name) if args.resume else None
+        out = args.resume or prepare_out(args.out, experiment.name, experiment.record_name)
+        stack.enter_context(run_lock(out))
+        return record, out
+
+    record, out = _on_every_rank(ranks, prepare)
+    if ranks.distributed:  # the others learn the run's settings and folder from rank 0
+        shared = json.loads(distributed.broadcast_bytes(
+            json.dumps({"record": record, "out": str(out)}).encode() if ranks.leader else None))
+        record, out = shared["record"], Path(shared["out"])
+        if record is not None:
+            apply_config(args, record["config"])
+    args.out = out  # named in the message if interrupted
+    data = _on_every_rank(ranks, lambda: _load_and_check(experiment, record, ranks))
+    args.precision = resolve_precision(args.precision, device)
+    runs = experiment.runs()
+    args.jobs = resolve_jobs(args.jobs, runs, device, ranks, args.epochs * len(data.train_labels))
+    threads = _set_threads(args, ranks)
+    if record is None:
+        record = {"command": shlex.join(["normlab", *args.argv]),
+                  "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                  **experiment.new_record(data)}
+        record["config"].update(world_size=ranks.world_size,
+                                virtual_batch_size=args.virtual_batch_size)
+    if "environment" not in record:
+        record["environment"] = environment(device)
+        record["environment"]["torch_threads"] = threads  # what each run trained with
+    todo = [r for r in runs if not experiment.finished(record, r)]
+    parallel = dict(
+        world_size=ranks.world_size, nodes=ranks.nodes, backend=ranks.backend,
+        images_per_device=experiment.images_per_device(ranks.world_size), jobs=args.jobs,
+        threads_per_process=threads)
+    # Like "environment", "parallel" says how the runs were trained: a resume keeps it, and
+    # notes the runs it trains in another way (a resume that trains nothing, e.g. to redo
+    # an experiment's last step, changes nothing).
+    if not args.resume:
+        record["parallel"] = parallel
+    elif todo and parallel != record.get("parallel"):
+        record.setdefault("resumed_parallel", []).append(
+            {"parallel": parallel, "runs": [run.key for run in todo]})
+    if ranks.leader:
+        write_json(out / experiment.record_name, record)
+        (out / "checkpoints").mkdir(exist_ok=True)
+        print(experiment.announce(data, device, "resuming" if args.resume else "writing to",
+                                  out) + _parallel_note(ranks, args.jobs, threads))
+    settings = Settings(out, args.epochs, args.l1, args.num_groups, args.precision,
+                        args.virtual_batch_size, not args.no_progress,
+                        record["environment"]["git_revision"], args.tensorboard,
+                        writes=ranks.leader)
+    count = {"done": len(runs) - len(todo)}
+    # An experiment that prints every epoch announces each run as it starts; otherwise (and
+    # with --jobs, whose runs interleave) one line per finished run says how it went.
+    starts = ranks.leader and experiment.epoch_lines
+
+    def on_done(run: Run, result: dict[str, Any]) -> None:
+        count["done"] += 1
+        if not ranks.leader:
+            return
+        experiment.keep(record, run, result)
+        write_json(out / experiment.record_name, record)  # finished runs survive what follows
+        checkpoint_of(out, run).unlink(missing_ok=True)
+        if args.jobs > 1 or not experiment.epoch_lines:
+            tqdm.write(f"[{count['done']}/{len(runs)}] {run.label} seed {run.seed}  "
+                       f"{experiment.outcome(result)}")
+
+    if starts:
+        for i, run in enumerate(runs, 1):
+            if run not in todo:
+                print(f"[{i}/{len(runs)}] {run.variant}: {VARIANTS[run.variant].label}, "
+                      f"seed {run.seed} - finished earlier, kept")
+    if args.jobs > 1:
+        run_parallel(todo, experiment, settings, data, device, args.jobs, threads, on_done)
+    else:
+        for run in todo:
+            if starts:
+                print(f"[{runs.index(run) + 1}/{len(runs)}] {run.variant}: "
+                      f"{VARIANTS[run.variant].label}, seed {run.seed}")
+            on_done(run, execute(run, experiment, settings, data, device))
+    if ranks.leader:
+        if not any((out / "checkpoints").iterdir()):
+            (out / "checkpoints").rmdir()
+        experiment.after(out, record, data, device)
+        experiment.render(out, record)
+    return experiment.exit_code(record)
+
+
+def _load_and_check(experiment: Experiment, record: dict[str, Any] | None, ranks: Ranks
+                    ) -> Data:
+    """Read the data on this rank, and check that the runs can be split as asked."""
+    args = experiment.args
+    recorded = (record or {}).get("config", {}).get("world_size", 1)
+    if record is not None and recorded != ranks.world_size:
+        launch = (f"torchrun --nproc-per-node {recorded} -m normlab" if recorded > 1
+                  else "normlab")
+        raise UsageError(f"{args.out} was run by {recorded} process(es), this is "
+                         f"{ranks.world_size}; resume it the same way: {launch} "
+                         f"{experiment.name} --resume {args.out}")
+    data = experiment.load()
+    splits = {(r.batch_size, r.split(args.virtual_batch_size)) for r in experiment.runs()}
+    for batch, virtual in sorted(splits, key=str):
+        check_split(len(data.train_labels), batch, ranks.world_size, virtual)
+    return data
