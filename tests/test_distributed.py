@@ -31,7 +31,7 @@ from torch import nn
 from conftest import cli_error, default_sigint
 from normlab import distributed, runner
 from normlab.checkpoint import read_weights
-from normlab.norms import BatchNorm2d, make_norm
+from normlab.norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm2d, make_norm
 
 TESTS = Path(__file__).resolve().parent
 DRIVER = TESTS / "dist_driver.py"
@@ -47,42 +47,61 @@ def free_port() -> int:
 
 # -- the layers, against nn.BatchNorm2d -------------------------------------------------
 
-def _sync_rank(rank: int, world: int, port: int, sizes: list[int], momentum: float | None,
-               side: int) -> None:
+def _sync_rank(rank: int, world: int, port: int, cases: list[dict]) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     try:
-        torch.manual_seed(0)
-        x = torch.randn(sum(sizes), 5, side, side) * 3 + 1
-        upstream = torch.randn_like(x)
-        oracle = nn.BatchNorm2d(5, momentum=momentum)
-        oracle.weight.data.uniform_(0.5, 1.5)
-        oracle.bias.data.uniform_(-1, 1)
-        layer = BatchNorm2d(5, momentum=momentum, sync=True)
-        layer.load_state_dict(oracle.state_dict())
-        lo = sum(sizes[:rank])
-        part = slice(lo, lo + sizes[rank])
-        for _ in range(2):  # two steps: running statistics are checked after two updates
-            xo = x.clone().requires_grad_()
-            yo = oracle(xo)
-            (yo * upstream).sum().backward()
-            xl = x[part].clone().requires_grad_()
-            y = layer(xl)
-            (y * upstream[part]).sum().backward()
-            torch.testing.assert_close(y, yo[part], **CLOSE)
-            torch.testing.assert_close(xl.grad, xo.grad[part], **CLOSE)
-            for name in ("weight", "bias"):  # each rank holds its own images' share
-                grad = getattr(layer, name).grad.clone()
-                dist.all_reduce(grad)
-                torch.testing.assert_close(grad, getattr(oracle, name).grad, **CLOSE)
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                torch.testing.assert_close(getattr(layer, name), getattr(oracle, name),
-                                           **CLOSE)
-            layer.zero_grad()
-            oracle.zero_grad()
-            x = x * 0.5 + 2
+        for case in cases:
+            _sync_case(rank, **case)
     finally:
         dist.destroy_process_group()
+
+
+def _sync_case(rank: int, sizes: list[int], momentum: float | None, spatial: tuple[int, ...],
+               affine: bool = True, renorm: bool = False) -> None:
+    """One layer on this rank's part of the batch against the same layer over the whole
+    batch in one process: nn.BatchNorm1d/2d/3d, or for Batch Renorm normlab's own
+    (tested against the paper's formula in test_layers.py)."""
+    dims = max(1, len(spatial))
+    label = f"sizes {sizes}, spatial {spatial}, momentum {momentum}, affine {affine}, " \
+            f"renorm {renorm}"
+    torch.manual_seed(0)
+    x = torch.randn(sum(sizes), 5, *spatial) * 3 + 1
+    upstream = torch.randn_like(x)
+    if renorm:
+        oracle = BatchRenorm2d(5, momentum=momentum, r_max=1.5, d_max=0.5)
+        layer = BatchRenorm2d(5, momentum=momentum, r_max=1.5, d_max=0.5, sync=True)
+        oracle.running_mean.uniform_(-1, 3)  # so that r and d clip
+    else:
+        oracle = LAYERS[dims][1](5, momentum=momentum, affine=affine)
+        layer = LAYERS[dims][0](5, momentum=momentum, affine=affine, sync=True)
+    if affine:
+        oracle.weight.data.uniform_(0.5, 1.5)
+        oracle.bias.data.uniform_(-1, 1)
+    layer.load_state_dict(oracle.state_dict())
+    lo = sum(sizes[:rank])
+    part = slice(lo, lo + sizes[rank])
+    for _ in range(2):  # two steps: running statistics are checked after two updates
+        xo = x.clone().requires_grad_()
+        yo = oracle(xo)
+        (yo * upstream).sum().backward()
+        xl = x[part].clone().requires_grad_()
+        y = layer(xl)
+        (y * upstream[part]).sum().backward()
+        torch.testing.assert_close(y, yo[part], **CLOSE, msg=lambda m: f"{label}: {m}")
+        torch.testing.assert_close(xl.grad, xo.grad[part], **CLOSE,
+                                   msg=lambda m: f"{label}: {m}")
+        for name in ("weight", "bias") if affine else ():  # each rank holds its share
+            grad = getattr(layer, name).grad.clone()
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, getattr(oracle, name).grad, **CLOSE,
+                                       msg=lambda m, n=name: f"{label}, {n}: {m}")
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(layer, name), getattr(oracle, name), **CLOSE,
+                                       msg=lambda m, n=name: f"{label}, {n}: {m}")
+        layer.zero_grad()
+        oracle.zero_grad()
+        x = x * 0.5 + 2
 
 
 def spawn(fn, *args, world: int = 2) -> None:
@@ -99,28 +118,56 @@ def spawn(fn, *args, world: int = 2) -> None:
                 p.kill()
 
 
-@pytest.mark.parametrize("sizes, momentum, side", [
-    ([6, 6], 0.1, 6), ([7, 2], 0.1, 16), ([5, 3], None, 6), ([5, 0], 0.1, 6)])
-def test_sync_batchnorm_over_two_ranks_equals_batchnorm_over_the_whole_batch(sizes, momentum,
-                                                                             side):
-    """Outputs, input gradients, weight/bias gradients and running statistics, also with
-    unequal per-rank batches, a rank with no images, momentum=None (cumulative average), and
-    on small and large maps."""
-    spawn(_sync_rank, sizes, momentum, side)
+SYNC_CASES = [
+    dict(sizes=[6, 6], momentum=0.1, spatial=(6, 6)),
+    dict(sizes=[7, 2], momentum=0.1, spatial=(16, 16)),
+    dict(sizes=[5, 3], momentum=None, spatial=(6, 6)),
+    dict(sizes=[5, 0], momentum=0.1, spatial=(6, 6)),
+    dict(sizes=[6, 5], momentum=0.1, spatial=(6, 6), affine=False),
+    dict(sizes=[9, 4], momentum=0.1, spatial=()),
+    dict(sizes=[7, 2], momentum=None, spatial=(9,)),
+    dict(sizes=[3, 2], momentum=0.1, spatial=(3, 4, 5)),
+    dict(sizes=[2, 0], momentum=0.1, spatial=(2, 3, 3)),
+    dict(sizes=[7, 3], momentum=0.1, spatial=(6, 6), renorm=True),
+]
 
 
+def test_sync_batchnorm_over_two_ranks_equals_batchnorm_over_the_whole_batch():
+    """Outputs, input gradients, weight/bias gradients and running statistics, on (N, C),
+    (N, C, L), (N, C, H, W) and (N, C, D, H, W) inputs, with unequal per-rank batches, a
+    rank with no images, momentum=None (cumulative average), affine=False, small and large
+    maps, and synchronized Batch Renorm with its clipping active. All cases in one pair of
+    processes (starting them costs more than the cases)."""
+    spawn(_sync_rank, SYNC_CASES)
+
+
+LAYERS = {1: (BatchNorm1d, nn.BatchNorm1d), 2: (BatchNorm2d, nn.BatchNorm2d),
+          3: (BatchNorm3d, nn.BatchNorm3d)}
+SPATIAL = {"N,C": (1, ()), "N,C,L": (1, (9,)), "N,C,H,W": (2, (16, 16)),
+           "N,C,D,H,W": (3, (3, 4, 5))}
+
+
+@pytest.mark.parametrize("layout", list(SPATIAL))
+@pytest.mark.parametrize("kwargs", [{}, {"affine": False}, {"momentum": None}],
+                         ids=["affine", "no-affine", "cumulative"])
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("n, parts", [(128, 2), (96, 4), (7, 2), (9, 4)])
-def test_virtual_batches_equal_batchnorm_on_each_part(n, parts, fast):
-    """Each part normalised exactly as nn.BatchNorm2d would normalise it alone; the running
-    statistics are the mean of the parts' (what averaging K devices' gives); with PyTorch's
-    kernel and with the fast statistics."""
+def test_virtual_batches_equal_batchnorm_on_each_part(n, parts, fast, kwargs, layout):
+    """Each part normalised exactly as nn.BatchNorm1d/2d/3d would normalise it alone (outputs,
+    input, weight and bias gradients, with a random shift as well as scale); the running
+    statistics are the mean of the parts' (what averaging K devices' gives), also as a
+    cumulative average; with PyTorch's kernel and with the fast statistics (which apply to
+    maps of 256 values or more: the 16x16 case)."""
+    dims, spatial = SPATIAL[layout]
+    ours, theirs = LAYERS[dims]
     torch.manual_seed(1)
-    x = (torch.randn(n, 5, 16, 16) * 3 + 1).requires_grad_()  # 16x16: fast=True applies
+    x = (torch.randn(n, 5, *spatial) * 3 + 1).requires_grad_()
     upstream = torch.randn_like(x)
-    layer = BatchNorm2d(5, virtual_batches=parts, fast=fast)
-    layer.weight.data.uniform_(0.5, 1.5)
-    oracles = [nn.BatchNorm2d(5) for _ in range(parts)]
+    layer = ours(5, virtual_batches=parts, fast=fast, **kwargs)
+    if layer.affine:
+        layer.weight.data.uniform_(0.5, 1.5)
+        layer.bias.data.uniform_(-1, 1)
+    oracles = [theirs(5, **kwargs) for _ in range(parts)]
     xo = x.detach().clone().requires_grad_()
     outputs = []
     for oracle, part in zip(oracles, xo.tensor_split(parts), strict=True):
@@ -130,7 +177,10 @@ def test_virtual_batches_equal_batchnorm_on_each_part(n, parts, fast):
     (torch.cat(outputs) * upstream).sum().backward()
     torch.testing.assert_close(layer(x.detach()), torch.cat(outputs).detach(), **CLOSE)
     torch.testing.assert_close(x.grad, xo.grad, **CLOSE)
-    torch.testing.assert_close(layer.weight.grad, sum(o.weight.grad for o in oracles), **CLOSE)
+    if layer.affine:
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(getattr(layer, name).grad,
+                                       sum(getattr(o, name).grad for o in oracles), **CLOSE)
     # the layer ran twice (above, and in the check): two updates for each oracle too
     for oracle, part in zip(oracles, xo.detach().tensor_split(parts), strict=True):
         oracle(part)

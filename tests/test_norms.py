@@ -1,12 +1,24 @@
 """The public norm API: ``make_norm`` and ``convert`` on normlab's Net and on a hand-built
 ResNet-style block with nested modules."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from normlab.model import Net
-from normlab.norms import BatchNorm2d, convert, make_norm
+from normlab.norms import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchRenorm3d,
+    FilterResponseNorm2d,
+    batch_statistics,
+    convert,
+    make_norm,
+    precise_bn,
+)
 
 
 class Block(nn.Module):
@@ -217,3 +229,201 @@ def test_fast_batchnorm_leaves_other_inputs_to_pytorchs_kernel():
         BatchNorm2d(4, fast=True)(torch.randn(1, 4, 1, 1))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         BatchNorm2d(4, fast=True, virtual_batches=2)(torch.randn(2, 4, 1, 1))
+
+
+# -- convert on 1-D and 3-D networks, and what it refuses -----------------------------------
+
+class Net1d3d(nn.Module):
+    """A point-cloud-style 1-D branch, an MLP head over (N, C) and a 3-D stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem3d = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU())
+        self.seq1d = nn.Sequential(nn.Conv1d(4, 8, 1), nn.BatchNorm1d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                  nn.Linear(8, 3))
+        self.inorm = nn.InstanceNorm3d(4, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inorm(self.stem3d(x))  # (N, 4, D, H, W)
+        x = self.seq1d(x.flatten(2))  # (N, 8, D*H*W)
+        return self.head(x.mean(2))  # (N, 8) -> (N, 3)
+
+
+def _randomise_all(model: nn.Module) -> None:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm) and m.weight is not None:
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize("norm", ["batch", "syncbatch", "batchrenorm"])
+def test_convert_between_batch_norms_keeps_dimension_state_and_eval_outputs(norm):
+    model = Net1d3d()
+    _randomise_all(model)
+    for layer in (model.stem3d[1], model.head[1]):
+        layer.momentum, layer.eps = 0.05, 1e-3
+    model.eval()
+    x = torch.randn(2, 1, 3, 4, 4)
+    expected = model(x)
+    converted, changes = convert(model, norm, skip=(nn.InstanceNorm3d,), report=True)
+    kinds = {"batch": "BatchNorm", "syncbatch": "BatchNorm", "batchrenorm": "BatchRenorm"}
+    assert type(model.stem3d[1]).__name__ == f"{kinds[norm]}3d"
+    assert type(model.seq1d[1]).__name__ == type(model.head[1]).__name__ == f"{kinds[norm]}1d"
+    assert model.stem3d[1].momentum == 0.05 and model.stem3d[1].eps == 1e-3
+    assert not model.stem3d[1].training
+    assert getattr(model.head[1], "sync", False) == (norm == "syncbatch")
+    torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)  # statistics carried
+    assert set(changes) == {"stem3d.1", "seq1d.1", "head.1"}
+    assert changes["stem3d.1"].startswith("BatchNorm3d(4, eps=0.001, momentum=0.05")
+    assert "-> " + kinds[norm] + "3d(4" in changes["stem3d.1"]
+
+
+@pytest.mark.parametrize("norm, groups", [("group", 2), ("layer", 1), ("instance", None)])
+def test_convert_to_group_layer_and_instance_norm_in_1d_and_3d(norm, groups):
+    model = Net1d3d().train()
+    _randomise_all(model)
+    before = {n: (m.weight.clone(), m.bias.clone()) for n, m in model.named_modules()
+              if isinstance(m, nn.BatchNorm1d | nn.BatchNorm3d)}
+    convert(model, norm, num_groups=2)
+    for name, (weight, bias) in before.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is nn.GroupNorm and layer.training
+        assert layer.num_groups == (groups or layer.num_channels)
+        assert torch.equal(layer.weight, weight) and torch.equal(layer.bias, bias)
+    out = model(torch.randn(2, 1, 3, 4, 4))
+    out.sum().backward()  # trains
+    assert out.shape == (2, 3)
+
+
+def test_convert_to_frn_and_evonorm_replaces_the_norm_and_its_relu():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    old = f"BatchNorm2d({model[1].extra_repr()})"
+    converted, changes = convert(model, "frn", report=True)
+    assert isinstance(converted[1], FilterResponseNorm2d) and isinstance(converted[2], nn.Identity)
+    assert changes == {"1": f"{old} -> FilterResponseNorm2d(8, eps=1e-06)",
+                       "2": "ReLU -> Identity (part of frn)"}
+    assert converted(torch.randn(2, 3, 6, 6)).shape == (2, 4, 4, 4)
+
+
+def test_convert_refuses_what_it_cannot_convert_naming_every_layer_unless_skipped():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8),  # no ReLU after it
+                          nn.Flatten(), nn.LayerNorm(8 * 4 * 4), nn.ReLU(),
+                          nn.Unflatten(1, (8, 4, 4)), nn.Conv3d(8, 8, 1), nn.BatchNorm3d(8),
+                          nn.ReLU())
+    with pytest.raises(ValueError) as error:
+        convert(model, "evonorm-b0")
+    message = str(error.value)
+    assert message.startswith("cannot convert to 'evonorm-b0': layer 1: evonorm-b0 replaces "
+                              "the norm and its activation, and no nn.ReLU follows this layer")
+    assert "layer 3: LayerNorm normalises over its last dimension(s)" in message
+    assert "layer 7: evonorm-b0 is defined for 2-D maps (N, C, H, W), not 3-D" in message
+    assert message.endswith("(pass skip=(type, ...) to leave such layers as they are)")
+    assert type(model[1]) is nn.BatchNorm2d  # nothing was changed
+    with pytest.raises(ValueError, match="layer 3: LayerNorm") as error:
+        convert(model, "group", num_groups=2)
+    assert "layer 1" not in str(error.value)
+    _, changes = convert(model, "group", num_groups=2, skip=(nn.LayerNorm,), report=True)
+    assert set(changes) == {"1", "7"} and type(model[3]) is nn.LayerNorm
+
+
+def test_convert_says_when_a_model_has_no_normalization_layer():
+    with pytest.raises(ValueError, match="the model has no normalization layer"):
+        convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), "group")
+    with pytest.raises(ValueError, match="num_groups=3 does not divide 8 channels"):
+        convert(Net1d3d(), "group", num_groups=3)
+
+
+def test_make_norm_builds_each_dimension():
+    assert type(make_norm("batch", 8, dims=1)) is BatchNorm1d
+    assert type(make_norm("batchrenorm", 8, dims=3)) is BatchRenorm3d
+    assert type(make_norm("syncbatch", 8, dims=None)) is BatchNorm
+    with pytest.raises(ValueError, match="frn is defined for 2-D maps"):
+        make_norm("frn", 8, dims=1)
+    with pytest.raises(ValueError, match="needs at least 4 images, got 3"):
+        make_norm("batch", 8, virtual_batches=4, dims=3).train()(torch.randn(3, 8, 2, 2, 2))
+
+
+# -- PreciseBN and batch statistics at test ------------------------------------------------
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3),
+                          nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, momentum=None), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 4 * 4, 5), nn.BatchNorm1d(5))
+    _randomise_all(model)
+    return model
+
+
+def test_precise_bn_gives_each_layer_the_average_of_its_batch_statistics():
+    """Oracle: the same layers run by PyTorch's own cumulative average (momentum None from a
+    fresh count), layer after layer in training mode, with Dropout in eval mode; every other
+    parameter and buffer unchanged."""
+    model = _bn_net().train()
+    batches = [torch.randn(16, 1, 8, 8) * 2 + 1 for _ in range(5)]
+    oracle = copy.deepcopy(model).eval()
+    for m in oracle.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+            m.momentum = None
+            m.reset_running_stats()
+    with torch.no_grad():
+        for x in batches:
+            oracle(x)
+    before = copy.deepcopy(model.state_dict())
+    assert precise_bn(model, iter(batches), images=80) == 5
+    assert model.training and model[3].training  # modes restored
+    for key, value in model.state_dict().items():
+        if "running_mean" in key or "running_var" in key:
+            torch.testing.assert_close(value, oracle.state_dict()[key], rtol=1e-5, atol=1e-6)
+            assert not torch.equal(value, before[key])
+        else:  # weights, num_batches_tracked
+            assert torch.equal(value, before[key]), key
+    assert model[5].momentum is None and model[1].momentum == 0.1
+
+
+def test_precise_bn_uses_whole_batches_and_groups_and_refuses_too_few_images():
+    model = _bn_net()
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(4)]
+    assert precise_bn(model, batches, images=50) == 3  # 48 images in whole batches
+    with pytest.raises(ValueError, match="10 image\\(s\\) do not make one batch of 16"):
+        precise_bn(model, batches, images=10)
+    with pytest.raises(ValueError, match="no layer with running statistics"):
+        precise_bn(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2)), batches)
+    # grouped: the statistics of 4-image parts, i.e. of batches of 4 images
+    grouped, small = _bn_net(), _bn_net()
+    grouped = nn.Sequential(*[BatchNorm2d(m.num_features) if isinstance(m, nn.BatchNorm2d)
+                              else m for m in grouped])
+    small.load_state_dict(grouped.state_dict())
+    grouped[9] = small[9] = nn.Identity()  # nn.BatchNorm1d cannot cut a batch into parts
+    precise_bn(grouped, batches, images_per_statistic=4)  # normlab's layers cut each batch
+    precise_bn(small, [p for x in batches for p in x.split(4)])
+    for key, value in grouped.state_dict().items():
+        torch.testing.assert_close(value, small.state_dict()[key], rtol=1e-5, atol=1e-6)
+    mixed, small = _bn_net(), _bn_net()  # PyTorch's layers too: one call per group
+    assert precise_bn(mixed, batches, images_per_statistic=4) == 16
+    precise_bn(small, [p for x in batches for p in x.split(4)])
+    for key, value in mixed.state_dict().items():
+        torch.testing.assert_close(value, small.state_dict()[key], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_statistics_normalise_each_group_of_the_test_batch_and_keep_running_ones():
+    model = _bn_net().eval()
+    x = torch.randn(14, 1, 8, 8)  # groups of 4, 4, 4 and 2
+    before = copy.deepcopy(model.state_dict())
+    train_mode = copy.deepcopy(model)
+    for m in train_mode.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    with torch.no_grad():
+        expected = torch.cat([train_mode(part) for part in x.split(4)])
+        with batch_statistics(model, 4) as forward:
+            got = forward(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not model.training and not model[1].training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

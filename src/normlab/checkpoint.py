@@ -79,6 +79,8 @@ def save_model(model: Net, path: str | Path, **meta: Any) -> None:
                   architecture=[list(layer) for layer in model.architecture])
     if model.virtual_batches > 1:
         config["virtual_batches"] = model.virtual_batches
+    if model.weight_std:
+        config["weight_std"] = True
     header = {"format": WEIGHTS_FORMAT, "normlab": __version__, "config": json.dumps(config),
               "norm": model.norm, "num_groups": str(model.num_groups),
               "architecture": json.dumps(config["architecture"]),

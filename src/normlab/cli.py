@@ -20,12 +20,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__, distributed, explain
-from .checkpoint import convert_weights
-from .engine import STUDY_VARIANTS, VARIANTS
+from . import __version__, distributed, evaluate, explain
+from .checkpoint import WEIGHTS_SUFFIX, convert_weights, write_json
+from .engine import STUDY_VARIANTS, VARIANTS, select_device
 from .experiments import registry
 from .model import count_parameters
-from .options import add_model_options
+from .options import add_model_options, positive_int
 from .report import git_revision
 from .runner import UsageError, build_models, error_line, run_experiment
 
@@ -57,6 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("evaluate", help="re-evaluate saved weights, also with Batch Norm's "
+                       "inference remedies (PreciseBN, batch statistics at test)",
+                       description=evaluate.__doc__.split("\n\n")[0].replace("\n", " "))
+    p.add_argument("weights", type=Path, nargs="+", metavar="WEIGHTS",
+                   help=".safetensors files normlab wrote, or folders holding them; the "
+                   "dataset and settings come from each file's header or its folder's record")
+    p.add_argument("--bn-stats", nargs="+", choices=evaluate.BN_STATS, default=["running"],
+                   metavar="MODE", help="which statistics the batch-dependent layers use: "
+                   "running (as saved), precise (PreciseBN: recomputed over the first "
+                   "--precise-images training images, each over a whole batch), "
+                   "precise-grouped (the same over the run's images per statistic), batch "
+                   "(the test set in groups of the run's images per statistic, as in "
+                   "training); several at once (default: running)")
+    p.add_argument("--precise-images", type=positive_int, metavar="N",
+                   default=evaluate.DEFAULT_PRECISE_IMAGES,
+                   help="training images for precise and precise-grouped (default: "
+                   "%(default)s)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--data-dir", help="folder with the dataset's four IDX files (default as "
+                   "for compare)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("summary", help="print a torchinfo summary of each variant")
     add_model_options(p, STUDY_VARIANTS)
     p.set_defaults(func=cmd_summary)
@@ -73,6 +96,28 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(summary(model, input_size=(1, 1, 28, 28), verbose=0,
                       col_names=("output_size", "num_params")))
         print()
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    missing = [str(p) for p in args.weights if not p.exists()]
+    if missing:
+        raise UsageError(f"no such file or folder: {', '.join(missing)}")
+    files = [f for p in args.weights
+             for f in (sorted(p.glob("*" + WEIGHTS_SUFFIX)) if p.is_dir() else [p])]
+    if not files:
+        raise UsageError(f"no {WEIGHTS_SUFFIX} weights files in "
+                         f"{', '.join(map(str, args.weights))}")
+    try:
+        device = select_device(args.device)
+        rows = evaluate.evaluate_files(files, args.bn_stats, device, args.precise_images,
+                                       args.data_dir)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print("\n".join(evaluate.table(rows)))
+    if args.json is not None:
+        write_json(args.json, rows)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -24,8 +24,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .norms import BatchNorm2d
-
 TIMEOUT_ENV = "NORMLAB_DIST_TIMEOUT"  # seconds a collective may wait for a hung rank
 DEFAULT_TIMEOUT_S = 300
 
@@ -167,16 +165,17 @@ def first_over_ranks(index: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def average_running_stats(model: nn.Module) -> None:
-    """Make every rank's Batch Norm running statistics the mean over ranks (timm's
-    ``distribute_bn``). Under DDP, plain Batch Norm normalises with each device's own batch
-    and keeps its own running averages (DDP is built with ``broadcast_buffers=False`` so
-    that no rank silently overwrites the others'); averaging them once an epoch, before
-    evaluation, makes the evaluated and saved model independent of which rank holds it.
-    Synchronized layers already agree and are left alone."""
+    """Make every rank's running statistics the mean over ranks (timm's ``distribute_bn``).
+    Under DDP, the batch-dependent layers (plain Batch Norm, Batch Renorm, EvoNorm-B0)
+    normalise with each device's own batch and keep their own running averages (DDP is
+    built with ``broadcast_buffers=False`` so that no rank silently overwrites the others');
+    averaging them once an epoch, before evaluation, makes the evaluated and saved model
+    independent of which rank holds it. Synchronized layers already agree and are left
+    alone."""
     buffers = [b for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-               and not (isinstance(m, BatchNorm2d) and m.sync)
-               for b in (m.running_mean, m.running_var)]
+               if isinstance(getattr(m, "running_var", None), torch.Tensor)
+               and not getattr(m, "sync", False)
+               for b in (getattr(m, "running_mean", None), m.running_var) if b is not None]
     if not buffers or not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     flat = torch.cat([b.reshape(-1) for b in buffers]).to(_device())

@@ -24,6 +24,7 @@ from . import distributed
 from .checkpoint import load_training_state, save_training_state
 from .data import Data, Loader, load_data, make_loaders
 from .model import ARCHITECTURE, Net
+from .norms import RenormSchedule
 
 History = dict[str, list[float]]
 
@@ -34,12 +35,14 @@ class TrainingDiverged(Exception):
 
 @dataclass(frozen=True)
 class Variant:
-    """A named study variant: which normalization, and whether it carries the L1 penalty."""
+    """A named study variant: which normalization, whether it carries the L1 penalty, and
+    whether its convolutions are Weight-Standardized."""
 
     name: str
     norm: str
     label: str
     l1: bool = False
+    weight_std: bool = False
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -50,6 +53,14 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("sbn", "syncbatch", "Synchronized Batch Norm"),
     Variant("in", "instance", "Instance Norm"),
     Variant("none", "none", "No norm"),
+    # The small-batch remedies (issue 23): docs/normalization.md says what each changes.
+    Variant("brn", "batchrenorm", "Batch Renorm"),
+    Variant("bn+ws", "batch", "Batch Norm + WS", weight_std=True),
+    Variant("gn+ws", "group", "Group Norm + WS", weight_std=True),
+    Variant("ln+ws", "layer", "Layer Norm + WS", weight_std=True),
+    Variant("frn", "frn", "Filter Response Norm"),
+    Variant("evob0", "evonorm-b0", "EvoNorm-B0"),
+    Variant("evos0", "evonorm-s0", "EvoNorm-S0"),
 )}
 STUDY_VARIANTS = ("bn+l1", "ln", "gn")
 
@@ -237,13 +248,15 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
           optimizer: torch.optim.Optimizer, lambda_l1: float = 0.0,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
           desc: str | None = None, progress: bool = True, precision: str = "fp32",
-          graph: CudaGraphStep | None = None) -> tuple[float, float]:
+          graph: CudaGraphStep | None = None, renorm: RenormSchedule | None = None
+          ) -> tuple[float, float]:
     """One epoch of training; returns (mean data loss, accuracy %) over the epoch's batches.
 
     The reported loss is the NLL alone, so variants with and without L1 stay comparable.
     ``precision="bf16"`` runs the forward pass under bfloat16 autocast. ``graph`` (on a
     CUDA device, float32, one process) replays full batches from a CUDA graph; pass the same
-    one every epoch.
+    one every epoch. ``renorm`` sets Batch Renorm's limits before every step from the
+    scheduler's step count.
 
     Data-parallel (``model`` a ``DistributedDataParallel``, ``loader`` sharded): each rank's
     loss is weighted by its share of the global batch, so DDP's gradient average is the
@@ -258,6 +271,8 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
     for batch, (x, y) in enumerate(bar, 1):
         x, y = x.to(device), y.to(device)
+        if renorm is not None:
+            renorm.update(scheduler.last_epoch)
         if graph is not None and graph.fits(x):
             graph(x, y, optimizer)
         else:
@@ -395,7 +410,7 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
                 precision: str = DEFAULTS["precision"],
                 architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE,
                 virtual_batch_size: int | None = None, cuda_graph: bool = True,
-                ) -> tuple[Net, History]:
+                weight_std: bool = False) -> tuple[Net, History]:
     """Train one model from scratch; returns it with per-epoch losses, accuracies and times.
 
     Pass ``data`` (from ``load_data``) to reuse one in-memory copy across models; otherwise
@@ -411,7 +426,8 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     resumed from: the result is identical to an uninterrupted run with the same seed.
 
     ``virtual_batch_size=B``: Batch Norm computes its training statistics over each B images
-    of a batch, as batch/B devices would (``norms.BatchNorm2d``).
+    of a batch, as batch/B devices would (``norms.BatchNorm2d``). ``weight_std``: Weight
+    Standardization (``norms.StdConv2d``). Batch Renorm's limits follow ``RenormSchedule``.
 
     On a CUDA device, in float32 and one process, full batches train through a CUDA graph
     (``CudaGraphStep``; ``cuda_graph=False`` turns it off): the same computation, launched
@@ -434,7 +450,7 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     parts = check_split(len(data.train_labels), batch_size, world, virtual_batch_size)
     torch.manual_seed(seed)
     net = Net(norm, num_groups=num_groups, dropout=dropout, architecture=architecture,
-              virtual_batches=parts).to(device)
+              virtual_batches=parts, weight_std=weight_std).to(device)
     # Plain Batch Norm keeps per-device running statistics: no buffer broadcasts each step,
     # an average once an epoch instead (distributed.average_running_stats).
     model = net if world == 1 else DistributedDataParallel(
@@ -456,12 +472,18 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
                   train_images=len(train_loader.labels))
     config.update({k: v for k, v in (("world_size", world), ("virtual_batch_size",
                                      virtual_batch_size)) if v not in (None, 1)})
+    if weight_std:
+        config["weight_std"] = True
     done = 0
     state = _read_checkpoint(checkpoint, rank, world)
     if state is not None:
         done, history = load_training_state(checkpoint, config, net, optimizer, scheduler,
                                             train_loader.generator, state)
-    graph = graph_step(net, lambda_l1, device, precision, world) if cuda_graph else None
+    renorm = RenormSchedule(net, epochs * len(train_loader))
+    renorm = renorm if renorm.layers else None
+    # Batch Renorm's limits change every step: a captured graph would keep the first ones.
+    graph = graph_step(net, lambda_l1, device, precision, world) \
+        if cuda_graph and renorm is None else None
     for epoch in range(done + 1, epochs + 1):
         start = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
@@ -469,7 +491,7 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
             train_loss, train_acc = train(model, device, train_loader, optimizer, lambda_l1,
                                           scheduler, desc=f"{name} {epoch}/{epochs}",
                                           progress=progress and rank == 0, precision=precision,
-                                          graph=graph)
+                                          graph=graph, renorm=renorm)
         except FloatingPointError as exc:
             raise TrainingDiverged(f"{name}: {exc} in epoch {epoch}; try a lower --lr"
                                    f"{' or --l1' if lambda_l1 else ''}") from None

@@ -1,8 +1,11 @@
 """The compact MNIST CNN whose only moving part is the normalization layer.
 
-Every convolution is followed by the same block: norm -> ReLU (-> dropout). Which
-normalization that is comes from ``normlab.norms.make_norm``, one name -> layer map, so the
-switch lives in one place (the pattern timm's ``create_norm.py`` uses).
+Every convolution is followed by the same block: norm -> ReLU (-> dropout), or, for the
+norms that are their own activation (FRN, EvoNorm: ``norms.ACT_NORMS``), that one layer
+(timm's ``create_norm_act`` pattern). Which normalization it is comes from
+``normlab.norms.make_norm``, one name -> layer map, so the switch lives in one place (the
+pattern timm's ``create_norm.py`` uses). ``weight_std`` makes every convolution followed by a
+norm a Weight-Standardized one (``StdConv2d``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norms import NORM_LAYERS, NORMS, check_norm, make_norm
+from .norms import ACT_NORMS, NORM_LAYERS, NORMS, StdConv2d, check_norm, make_norm
 
 __all__ = ["ARCHITECTURE", "NORM_LAYERS", "NORMS", "MaxPool2x2", "Net", "count_parameters",
            "make_norm"]
@@ -81,8 +84,11 @@ class Net(nn.Module):
         num_groups: groups for ``norm="group"``; must divide every conv's channels.
         dropout: drop probability after each conv block (0 disables it).
         architecture: the conv stack, as in ``ARCHITECTURE``; change it to study width.
-        virtual_batches: for ``norm="batch"``, split each training batch into this many
-            parts, each normalised with its own statistics (``norms.BatchNorm2d``).
+        virtual_batches: for the batch-dependent norms (``norms.VIRTUAL_BATCH_NORMS``),
+            split each training batch into this many parts, each normalised with its own
+            statistics (``norms.BatchNorm2d``).
+        weight_std: Weight Standardization (``norms.StdConv2d``) for every convolution
+            followed by a norm; the classifier is not.
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class Net(nn.Module):
         architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE,
         num_classes: int = 10,
         virtual_batches: int = 1,
+        weight_std: bool = False,
     ) -> None:
         super().__init__()
         check_norm(norm)
@@ -103,7 +110,7 @@ class Net(nn.Module):
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.norm, self.num_groups, self.dropout = norm, num_groups, dropout
-        self.virtual_batches = virtual_batches
+        self.virtual_batches, self.weight_std = virtual_batches, weight_std
         self.architecture = tuple((str(n), int(c), int(k)) for n, c, k in architecture)
 
         layers: list[nn.Module] = []
@@ -116,13 +123,16 @@ class Net(nn.Module):
                 continue
             if out_ch <= 0 or kernel <= 0:
                 raise ValueError(f"layer {name}: channels and kernel must be positive")
-            if norm == "group" and out_ch % num_groups:
+            if norm in ("group", "evonorm-s0") and out_ch % num_groups:
                 raise ValueError(
                     f"num_groups={num_groups} does not divide layer {name}'s {out_ch} "
                     f"channels; pick a divisor of {out_ch}"
                 )
-            block = [nn.Conv2d(in_ch, out_ch, kernel, bias=norm == "none"),
-                     make_norm(norm, out_ch, num_groups, virtual_batches), nn.ReLU(inplace=True)]
+            conv = StdConv2d if weight_std and norm != "none" else nn.Conv2d
+            block = [conv(in_ch, out_ch, kernel, bias=norm == "none"),
+                     make_norm(norm, out_ch, num_groups, virtual_batches)]
+            if norm not in ACT_NORMS:
+                block.append(nn.ReLU(inplace=True))
             if dropout > 0:
                 block.append(nn.Dropout(dropout))
             layers.append(nn.Sequential(*block))

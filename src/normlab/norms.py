@@ -1,288 +1,79 @@
-"""Normalization layers by name, and the one Batch Norm that data-parallel training needs.
+"""Normalization layers by name, and putting them into any model.
 
 ``make_norm(name, channels)`` is the single switch between normalizations (the pattern of
-timm's ``create_norm.py``); ``convert(model, name)`` applies it to any model.
-
-Batch Norm is the only normalization whose statistics depend on *which images share a
-batch*. Under data-parallel training each device normalises with its own slice of the
-global batch, which is what Group Norm was invented to avoid (Wu & He, 2018). One layer,
-``BatchNorm2d``, covers the three settings normlab studies:
-
-* plain: exactly ``nn.BatchNorm2d`` (it *is* one; the forward is PyTorch's own);
-* ``virtual_batches=K``: each training batch is split into K parts (as ``torch.tensor_split``
-  splits it over K devices) and each part is normalised with its own statistics -- "ghost
-  batch norm" (Hoffer et al., 2017), the per-device effect inside one process;
-* ``sync=True``: statistics over the whole global batch of every rank, gathered and
-  reduced with ``torch.distributed``, so it runs on CPU (``nn.SyncBatchNorm`` refuses CPU
-  tensors).
-
-All three keep ``nn.BatchNorm2d``'s running statistics (unbiased variance, same momentum)
-and its state_dict keys, so their weights load into one another.
-
-One implementation, ``_FastBatchNorm``, computes the statistics from Group Norm's vectorised
-kernel instead of Batch Norm's scalar loop and serves all three: the synchronized layer
-always, plain and virtual batches with ``fast=True`` on maps of ``FAST_MIN_PIXELS`` or more.
-It agrees with ``nn.BatchNorm2d`` (outputs, gradients, running statistics) to float32
-rounding, not bit for bit, so ``fast`` is off by default and the plain and virtual-batch
-results keep PyTorch's kernel (docs/performance.md).
+timm's ``create_norm.py``); ``convert(model, name)`` applies it to any network, 1-D, 2-D or
+3-D, and refuses (naming every layer) what it cannot convert rather than leave it silently.
+``precise_bn`` recomputes the population statistics of any model's batch-dependent layers
+with its final weights, and ``batch_statistics`` evaluates with batch statistics instead:
+Batch Norm's two inference remedies. The layers themselves are in ``normlab.batchnorm``
+(Batch Norm in its settings, Batch Renorm) and ``normlab.normact`` (FRN, EvoNorm, Weight
+Standardization).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from .batchnorm import (
+    FAST_MIN_PIXELS,
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    RenormSchedule,
+    renorm_limits,
+)
+from .normact import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNorm2d, StdConv2d
 
-class _FastBatchNorm(torch.autograd.Function):
-    """Training-mode Batch Norm of an NCHW tensor with statistics from Group Norm's kernel,
-    over this batch or (``group``) over every rank's batch.
+__all__ = ["ACT_NORMS", "BATCH_NORMS", "FAST_MIN_PIXELS", "NORMS", "NORM_LAYERS",
+           "VIRTUAL_BATCH_NORMS", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "EvoNorm2dB0",
+           "EvoNorm2dS0", "FilterResponseNorm2d", "RenormSchedule", "StdConv2d",
+           "batch_statistics", "check_norm", "convert", "make_norm", "precise_bn",
+           "renorm_limits", "statistics_seen"]
 
-    PyTorch's CPU Batch Norm gathers each channel's statistics in a scalar loop over N x H x
-    W (vectorising it, pytorch PR 113350, was closed over accuracy on large maps), which
-    made its forward the slowest norm kernel of a step. Group Norm's kernel, with one group
-    per channel, gets every image's per-channel mean and 1/std in one vectorised Welford
-    pass over contiguous rows; Chan et al.'s formula combines them exactly (the channel's
-    variance is the mean of the images' variances plus the variance of their means), on
-    N x C numbers, with no ``E[x^2] - mean^2`` cancellation. The same formula, weighted by
-    each rank's pixel count, combines the ranks' statistics: one all-gather of 1 + 2C
-    numbers. PyTorch's own vectorised kernels then apply ``x * alpha + beta`` (its eval-mode
-    path, fed these statistics) and compute the gradients (below).
+_BATCH = {None: BatchNorm, 1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
+_RENORM = {None: BatchRenorm, 1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
 
-    Returns the output, the mean and the *unbiased* variance (for the running statistics).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                eps: float, group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, c = x.shape[:2]
-        count = x.numel() // c  # values per channel
-        if n:
-            _, means, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, count // n,
-                                                              c, 0.0)
-            mean = means.mean(0)
-            var = rstd.pow(-2).mean(0) + (means - mean).square().mean(0)
-        else:  # a rank with no images this step still joins the all-gather
-            mean, var = x.new_zeros(c), x.new_zeros(c)
-        if group is None:
-            bessel = count / max(count - 1, 1)  # for the unbiased running variance
-        else:  # count becomes a tensor: no host sync on a GPU
-            mean, var, count = _over_ranks(mean, var, count, group)
-            bessel = count / (count - 1).clamp(min=1)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight
-        y = _affine(x, scale, bias, mean)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps, ctx.group, ctx.count = eps, group, count
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var * bessel
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, _mean: None, _var: None
-                 ) -> tuple[torch.Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_w = need_w and weight is not None
-        if ctx.group is None:
-            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-                grad.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps,
-                [need_x, need_w, need_b])
-            return grad_x, grad_w, grad_b, None, None
-        # Synchronised: the input gradient needs sum(dy) and sum(dy * (x - mean)) over every
-        # rank's images. The eval-mode backward with scale w/std, running_var 0 and eps 1
-        # gives this rank's two sums and the first term, dy * w/std, in one pass.
-        scale = invstd if weight is None else invstd * weight
-        if len(x):
-            first, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad.contiguous(), x, scale, mean, torch.zeros_like(mean), None, None, False,
-                1.0, [need_x, True, True])
-        else:  # (the native kernel divides by zero on an empty batch)
-            first = torch.zeros_like(x)
-            sum_dy_xmu, sum_dy = mean.new_zeros(2, len(mean))
-        # Weight and bias gradients are this rank's share, as DistributedDataParallel expects.
-        grad_w = sum_dy_xmu * invstd if need_w else None
-        grad_b = sum_dy if need_b else None
-        grad_x = None
-        if need_x:
-            sums = torch.stack([sum_dy, sum_dy_xmu])
-            dist.all_reduce(sums, group=ctx.group)
-            # dx = w/std * (dy - sum(dy)/n - (x - mean)/std^2 * sum(dy (x - mean))/n)
-            #    = first - (x * k + b), with the per-channel k and b below.
-            k = scale * invstd.square() * sums[1] / ctx.count
-            b = scale * sums[0] / ctx.count - mean * k
-            grad_x = first.sub_(_affine(x, k, b)) if len(x) else first
-        return grad_x, grad_w, grad_b, None, None
-
-
-def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
-            mean: torch.Tensor | None = None) -> torch.Tensor:
-    """``(x - mean) * scale + shift`` per channel in one vectorised pass: PyTorch's eval-mode
-    Batch Norm with running_var 0 and eps 1 multiplies by exactly 1/sqrt(1)."""
-    mean = torch.zeros_like(scale) if mean is None else mean
-    return torch.ops.aten.native_batch_norm(x, scale, shift, mean, torch.zeros_like(scale),
-                                            False, 0.0, 1.0)[0]
-
-
-def _over_ranks(mean: torch.Tensor, var: torch.Tensor, count: int, group
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every rank's (pixel count, mean, biased variance) per channel, combined exactly by
-    Chan's formula in float64 (ranks may hold unequal batches, even none). The count comes
-    back as a 0-d tensor."""
-    mine = torch.cat([mean.new_tensor([count], dtype=torch.float64), mean.double(),
-                      var.double()])
-    ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(ranks, mine, group=group)
-    table = torch.stack(ranks)
-    counts, means, variances = table[:, :1], table[:, 1:1 + len(mean)], table[:, 1 + len(mean):]
-    total = counts.sum()
-    overall = (counts * means).sum(0) / total
-    spread = (counts * (variances + (means - overall).square())).sum(0) / total
-    return overall.to(mean.dtype), spread.to(var.dtype), total
-
-
-# Against PyTorch's kernel the fast statistics won on 26x26 and 24x24 maps (about 2x the
-# forward) and lost on 10x10 and smaller (benchmarks/fast_batchnorm.py). The synchronized
-# layer has no PyTorch kernel to fall back on and uses them at every size.
-FAST_MIN_PIXELS = 256
-
-
-class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` whose training statistics may come from parts of the batch
-    (``virtual_batches``) or from every rank's batch (``sync``); see the module docstring.
-
-    Running statistics: with ``virtual_batches=K`` they move towards the *average* of the K
-    parts' means and unbiased variances, which is exactly what K devices' running statistics
-    averaged after training give (the update is linear); with ``sync`` towards the global
-    batch's. In one process, or in eval mode, the layer is plain Batch Norm.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, *,
-                 virtual_batches: int = 1, sync: bool = False, process_group=None,
-                 fast: bool = False, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
-        if virtual_batches < 1:
-            raise ValueError(f"virtual_batches must be >= 1, got {virtual_batches}")
-        if sync and virtual_batches > 1:
-            raise ValueError("synchronized Batch Norm normalises over the whole global batch; "
-                             "it cannot also use virtual batches")
-        self.virtual_batches, self.sync, self.process_group = virtual_batches, sync, process_group
-        self.fast = fast
-
-    def extra_repr(self) -> str:
-        extra = f", virtual_batches={self.virtual_batches}" if self.virtual_batches > 1 else ""
-        return (super().extra_repr() + extra + (", sync=True" if self.sync else "")
-                + (", fast=True" if self.fast else ""))
-
-    def _synchronised(self) -> bool:
-        return (self.sync and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group) > 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and (self.virtual_batches > 1 or self._synchronised()):
-            if x.dim() != 4:
-                raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D")
-            # Statistics in float32 also under bfloat16 autocast, as PyTorch's kernels do.
-            full = x.to(torch.promote_types(x.dtype, torch.float32))
-            y = self._sync_forward(full) if self.sync else self._virtual_forward(full)
-            return y.to(x.dtype)
-        if self.training and len(x) and self._fast_for(x):  # plain, fast statistics
-            y, mean, var = _FastBatchNorm.apply(x, self.weight, self.bias, self.eps)
-            self._update_running(mean, var)
-            return y
-        return super().forward(x)
-
-    def _virtual_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Batch Norm per part (``_batch_norm``), whose means and unbiased variances we then
-        average for the running statistics."""
-        k, c = self.virtual_batches, self.num_features
-        n = len(x)
-        if n % k == 0:  # the usual case: one call on (N/K, K*C, H, W), parts side by side
-            parts = x.reshape(k, n // k, c, *x.shape[2:]).transpose(0, 1).flatten(1, 2)
-            y, mean, var = self._batch_norm(parts, self._repeat(self.weight, k),
-                                            self._repeat(self.bias, k))
-            y = y.reshape(n // k, k, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
-            self._update_running(mean.view(k, c).mean(0), var.view(k, c).mean(0))
-            return y
-        # A smaller last batch that K does not divide: split it as K devices would.
-        outputs, means, variances = [], [], []
-        for part in x.tensor_split(k):
-            if len(part) == 0:
-                continue
-            y, mean, var = self._batch_norm(part, self.weight, self.bias)
-            outputs.append(y)
-            means.append(mean)
-            variances.append(var)
-        self._update_running(torch.stack(means).mean(0), torch.stack(variances).mean(0))
-        return torch.cat(outputs)
-
-    def _fast_for(self, x: torch.Tensor) -> bool:
-        """Whether plain or virtual batches take ``_FastBatchNorm``: asked for, on a float32
-        NCHW CPU tensor whose maps have at least ``FAST_MIN_PIXELS`` pixels. Smaller maps,
-        where a few more small operations cost more than the faster statistics save, and
-        anything else go to PyTorch's kernel."""
-        return (self.fast and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.dim() == 4 and x.is_contiguous()
-                and x.shape[2] * x.shape[3] >= FAST_MIN_PIXELS)
-
-    def _batch_norm(self, x: torch.Tensor, weight: torch.Tensor | None,
-                    bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """Training-mode Batch Norm of ``x`` over its own statistics: the output, and the
-        per-channel mean and unbiased variance for the running statistics."""
-        if self._fast_for(x):
-            return _FastBatchNorm.apply(x, weight, bias, self.eps)
-        # Running buffers with momentum 1 receive the batch's mean and unbiased variance.
-        mean, var = x.new_zeros(x.shape[1]), x.new_ones(x.shape[1])
-        return F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.eps), mean, var
-
-    @staticmethod
-    def _repeat(param: torch.Tensor | None, k: int) -> torch.Tensor | None:
-        return None if param is None else param.repeat(k)
-
-    def _sync_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Batch Norm over every rank's images, by ``_FastBatchNorm`` at any map size: one
-        all-gather of each rank's (count, mean, variance) forward, one all-reduce of two
-        gradient sums backward, so ranks with unequal batches (or none) weigh exactly."""
-        group = self.process_group or dist.group.WORLD
-        y, mean, var = _FastBatchNorm.apply(x.contiguous(), self.weight, self.bias, self.eps,
-                                            group)
-        self._update_running(mean, var)
-        return y
-
-    @torch.no_grad()
-    def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        """``nn.BatchNorm2d``'s update: momentum, or a cumulative average when it is None."""
-        if not self.track_running_stats or self.running_mean is None:
-            return
-        self.num_batches_tracked.add_(1)
-        f = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-             else self.momentum)
-        self.running_mean.mul_(1 - f).add_(mean.detach() * f)
-        self.running_var.mul_(1 - f).add_(unbiased_var.detach() * f)
-
-
-# name -> factory(channels, num_groups). Every normalizing layer carries a per-channel
-# scale and shift, so all of them have identical parameter counts and differ only in which
-# values share a mean and variance:
-#   batch     : per channel, over (N, H, W)          -- statistics shared across the batch
-#   syncbatch : per channel, over (N, H, W) of every rank's batch (one process: "batch")
-#   layer     : per sample, over (C, H, W)           -- GroupNorm with one group
-#   group     : per sample, per group of channels    -- over (C/G, H, W)
-#   instance  : per sample, per channel, over (H, W) -- GroupNorm with one channel a group
-NORM_LAYERS: dict[str, Callable[[int, int], nn.Module]] = {
-    "batch": lambda channels, groups: BatchNorm2d(channels),
-    "syncbatch": lambda channels, groups: BatchNorm2d(channels, sync=True),
-    "layer": lambda channels, groups: nn.GroupNorm(1, channels),
-    "group": lambda channels, groups: nn.GroupNorm(groups, channels),
-    "instance": lambda channels, groups: nn.GroupNorm(channels, channels),
-    "none": lambda channels, groups: nn.Identity(),
+# name -> factory(channels, num_groups, virtual_batches, dims); dims is 1, 2 or 3, or None
+# for "any" (a converted layer whose input dimension is unknown). Every layer carries a
+# per-channel scale and shift; they differ in which values share a mean and variance:
+#   batch       : per channel, over (N, *spatial)     -- statistics shared across the batch
+#   syncbatch   : per channel, over (N, *spatial) of every rank's batch (one process: batch)
+#   layer       : per sample, over (C, *spatial)      -- GroupNorm with one group
+#   group       : per sample, per group of channels   -- over (C/G, *spatial)
+#   instance    : per sample, per channel, over (*spatial) -- GroupNorm with one channel a group
+#   batchrenorm : batch, corrected towards the running statistics (Ioffe 2017)
+#   frn         : per sample, per channel, mean square over (H, W); with its own activation
+#   evonorm-b0  : batch variance per channel against each sample's; with its own activation
+#   evonorm-s0  : per sample, per group of channels; with its own activation
+NORM_LAYERS: dict[str, Callable[[int, int, int, int | None], nn.Module]] = {
+    "batch": lambda c, groups, parts, dims: _BATCH[dims](c, virtual_batches=parts),
+    "syncbatch": lambda c, groups, parts, dims: _BATCH[dims](c, sync=True),
+    "layer": lambda c, groups, parts, dims: nn.GroupNorm(1, c),
+    "group": lambda c, groups, parts, dims: nn.GroupNorm(groups, c),
+    "instance": lambda c, groups, parts, dims: nn.GroupNorm(c, c),
+    "batchrenorm": lambda c, groups, parts, dims: _RENORM[dims](c, virtual_batches=parts),
+    "frn": lambda c, groups, parts, dims: FilterResponseNorm2d(c),
+    "evonorm-b0": lambda c, groups, parts, dims: EvoNorm2dB0(c, virtual_batches=parts),
+    "evonorm-s0": lambda c, groups, parts, dims: EvoNorm2dS0(c, groups),
+    "none": lambda c, groups, parts, dims: nn.Identity(),
 }
 NORMS: tuple[str, ...] = tuple(NORM_LAYERS)
+ACT_NORMS = ("frn", "evonorm-b0", "evonorm-s0")  # layers that are also the activation
+BATCH_NORMS = ("batch", "syncbatch", "batchrenorm", "evonorm-b0")  # depend on the batch
+VIRTUAL_BATCH_NORMS = ("batch", "batchrenorm", "evonorm-b0")  # take virtual_batches
+_TWO_D_ONLY = ("frn", "evonorm-b0", "evonorm-s0")
 
 
 def check_norm(norm: str) -> None:
@@ -290,60 +81,144 @@ def check_norm(norm: str) -> None:
         raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
 
 
-def make_norm(norm: str, channels: int, num_groups: int = 4, virtual_batches: int = 1
-              ) -> nn.Module:
-    """The normalization layer called ``norm`` for ``channels`` channels.
+def make_norm(norm: str, channels: int, num_groups: int = 4, virtual_batches: int = 1,
+              dims: int | None = 2) -> nn.Module:
+    """The normalization layer called ``norm`` for ``channels`` channels of a ``dims``-D map
+    (1, 2 or 3; None: any). For the names in ``ACT_NORMS`` the layer is also the activation.
 
-    ``virtual_batches`` > 1 splits each training batch of a "batch" norm into that many
-    parts with their own statistics; the norms without batch statistics ignore it.
+    ``virtual_batches`` > 1 splits each training batch of a batch-dependent norm
+    (``VIRTUAL_BATCH_NORMS``) into that many parts with their own statistics; the norms
+    without batch statistics ignore it.
     """
     check_norm(norm)
-    if norm == "group" and channels % num_groups:
+    if norm in ("group", "evonorm-s0") and (num_groups <= 0 or channels % num_groups):
         raise ValueError(f"num_groups={num_groups} does not divide {channels} channels; "
                          f"pick a divisor of {channels}")
     if virtual_batches > 1 and norm == "syncbatch":
         raise ValueError("synchronized Batch Norm computes over the whole global batch; it "
                          "does not combine with virtual batches")
-    if virtual_batches > 1 and norm == "batch":
-        return BatchNorm2d(channels, virtual_batches=virtual_batches)
-    return NORM_LAYERS[norm](channels, num_groups)
+    if norm in _TWO_D_ONLY and dims not in (2, None):
+        raise ValueError(f"{norm} is defined for 2-D maps (N, C, H, W), not {dims}-D")
+    return NORM_LAYERS[norm](channels, num_groups, virtual_batches, dims)
 
 
-def convert(module: nn.Module, norm: str, num_groups: int = 4, virtual_batches: int = 1
-            ) -> nn.Module:
-    """Replace every 2-D normalization in ``module`` -- ``nn.BatchNorm2d`` (normlab's too),
-    ``nn.SyncBatchNorm`` and ``nn.GroupNorm`` (so also normlab's layer/group/instance norms)
-    -- by ``make_norm(norm, channels, num_groups, virtual_batches)``, the way timm's
+# -- convert: any model's normalization layers, replaced by name
+
+_SOURCES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+            FilterResponseNorm2d, EvoNorm2dB0, EvoNorm2dS0)
+_NOT_CONVERTIBLE = {  # normalizations over other axes than (channel, spatial): no target fits
+    nn.LayerNorm: "normalises over its last dimension(s), not over channels and positions",
+    nn.LocalResponseNorm: "normalises across neighbouring channels, with no scale or shift",
+    **({nn.RMSNorm: "normalises over its last dimension(s), not over channels and positions"}
+       if hasattr(nn, "RMSNorm") else {}),
+}
+
+
+def convert(model: nn.Module, norm: str, num_groups: int = 4, virtual_batches: int = 1, *,
+            skip: tuple[type[nn.Module], ...] = (), report: bool = False
+            ) -> nn.Module | tuple[nn.Module, dict[str, str]]:
+    """Replace every normalization layer of ``model`` by ``make_norm(norm, ...)``.
+
+    Converts ``nn.BatchNorm1d/2d/3d`` (normlab's and Batch Renorm too), ``nn.SyncBatchNorm``,
+    ``nn.GroupNorm`` (so also normlab's layer, group and instance norms),
+    ``nn.InstanceNorm1d/2d/3d`` and normlab's FRN and EvoNorm layers, the way timm's
     ``convert_sync_batchnorm`` converts: recursively, in place for children, returning the
-    module (a new one if ``module`` itself is a norm). The scale and shift are carried over,
-    and between Batch Norms the running statistics too, with ``eps``, device, dtype and
-    train/eval mode; so ``convert(model, "group")`` runs the study on any network, and
-    ``convert(model, "syncbatch")`` makes it ready for ``DistributedDataParallel`` on CPU.
-    A ``num_groups`` that does not divide a layer's channels raises a ValueError naming it.
+    model (a new one if ``model`` itself is a norm). The new layer keeps the old one's
+    dimension (``BatchNorm3d`` becomes ``normlab.norms.BatchNorm3d``; a layer of unknown
+    dimension, such as ``nn.SyncBatchNorm``, becomes the any-dimension ``BatchNorm``), its
+    scale and shift, ``eps`` and ``momentum``, device, dtype and train/eval mode, and between
+    Batch Norms its running statistics, so eval outputs are unchanged. FRN and EvoNorm also
+    replace the activation: a layer converts to them only when an ``nn.ReLU`` follows it in
+    the same ``nn.Sequential`` (the ReLU becomes ``nn.Identity``) and its maps are 2-D; they
+    keep their own papers' eps.
+
+    Raises ValueError, naming every such layer and why, for a normalization it cannot convert
+    (``nn.LayerNorm`` over the last dimension, a target not defined there, groups that do not
+    divide a layer's channels) unless its type is in ``skip``, and for a model with no
+    normalization layer at all. With ``report=True`` it returns ``(model, changes)``, where
+    ``changes`` maps each replaced layer's name to "old -> new".
+
+    Example: ``convert(unet3d, "syncbatch")`` before ``DistributedDataParallel(unet3d)``.
     """
     check_norm(norm)
-    return _convert(module, norm, num_groups, virtual_batches, "")
+    changes: dict[str, str] = {}
+    problems: list[str] = []
+    found = _convert(model, norm, num_groups, virtual_batches, skip, "", changes, problems)
+    if problems:
+        raise ValueError(f"cannot convert to {norm!r}: " + "; ".join(problems)
+                         + " (pass skip=(type, ...) to leave such layers as they are)")
+    if not found:
+        raise ValueError("the model has no normalization layer (Batch, Group, Instance, "
+                         "Layer Norm ...) to convert; nothing was changed")
+    return (found[0], changes) if report else found[0]
 
 
-def _convert(module: nn.Module, norm: str, num_groups: int, virtual_batches: int, name: str
-             ) -> nn.Module:
-    if isinstance(module, nn.BatchNorm2d | nn.SyncBatchNorm | nn.GroupNorm):
-        return _replacement(module, norm, num_groups, virtual_batches, name or "(the model)")
-    for child_name, child in module.named_children():
-        new = _convert(child, norm, num_groups, virtual_batches,
-                       f"{name}.{child_name}" if name else child_name)
-        if new is not child:
-            setattr(module, child_name, new)
-    return module
+def _convert(module: nn.Module, norm: str, num_groups: int, virtual_batches: int,
+             skip: tuple[type[nn.Module], ...], name: str, changes: dict[str, str],
+             problems: list[str], relu_after: bool = False) -> list[nn.Module]:
+    """The (possibly new) module in a list, or an empty list if neither it nor any child is a
+    normalization layer; fills ``changes`` and ``problems``."""
+    label = name or "(the model)"
+    if isinstance(module, skip):
+        return [module]
+    if isinstance(module, tuple(_NOT_CONVERTIBLE)):
+        reason = next(r for t, r in _NOT_CONVERTIBLE.items() if isinstance(module, t))
+        problems.append(f"layer {label}: {type(module).__name__} {reason}")
+        return [module]
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and \
+            isinstance(module, _SOURCES) and module.has_uninitialized_params():
+        problems.append(f"layer {label}: {type(module).__name__} is not initialised yet; run "
+                        f"one forward pass before converting")
+        return [module]
+    if isinstance(module, _SOURCES):
+        try:
+            if norm in ACT_NORMS and not relu_after:
+                raise ValueError(f"{norm} replaces the norm and its activation, and no nn.ReLU "
+                                 f"follows this layer in its nn.Sequential")
+            new = _replacement(module, norm, num_groups, virtual_batches)
+        except ValueError as exc:
+            problems.append(f"layer {label}: {exc}")
+            return [module]
+        changes[label] = f"{_describe(module)} -> {_describe(new)}"
+        return [new]
+    children = list(module.named_children())
+    found = False
+    for i, (child_name, child) in enumerate(children):
+        follows = (isinstance(module, nn.Sequential) and i + 1 < len(children)
+                   and isinstance(children[i + 1][1], nn.ReLU))
+        new = _convert(child, norm, num_groups, virtual_batches, skip,
+                       f"{name}.{child_name}" if name else child_name, changes, problems,
+                       follows)
+        if new:
+            found = True
+            if new[0] is not child:
+                setattr(module, child_name, new[0])
+                if norm in ACT_NORMS and follows:
+                    relu = f"{name}.{children[i + 1][0]}" if name else children[i + 1][0]
+                    setattr(module, children[i + 1][0], nn.Identity())
+                    changes[relu] = f"ReLU -> Identity (part of {norm})"
+    return [module] if found else []
 
 
-def _replacement(old: nn.Module, norm: str, num_groups: int, virtual_batches: int, name: str
+def _describe(layer: nn.Module) -> str:
+    return f"{type(layer).__name__}({layer.extra_repr()})"
+
+
+def _dims(layer: nn.Module) -> int | None:
+    """The input dimension a layer is built for: 1, 2, 3, or None where it takes any."""
+    for dims, types in ((1, (nn.BatchNorm1d, nn.InstanceNorm1d)),
+                        (2, (nn.BatchNorm2d, nn.InstanceNorm2d, FilterResponseNorm2d,
+                             EvoNorm2dB0, EvoNorm2dS0)),
+                        (3, (nn.BatchNorm3d, nn.InstanceNorm3d))):
+        if isinstance(layer, types):
+            return dims
+    return None
+
+
+def _replacement(old: nn.Module, norm: str, num_groups: int, virtual_batches: int
                  ) -> nn.Module:
     channels = old.num_channels if isinstance(old, nn.GroupNorm) else old.num_features
-    try:
-        new = make_norm(norm, channels, num_groups, virtual_batches)
-    except ValueError as exc:
-        raise ValueError(f"layer {name}: {exc}") from None
+    new = make_norm(norm, channels, num_groups, virtual_batches, _dims(old))
     state = next(iter(old.parameters()), None)
     state = state if state is not None else next(iter(old.buffers()), None)
     if state is not None:
@@ -351,17 +226,185 @@ def _replacement(old: nn.Module, norm: str, num_groups: int, virtual_batches: in
     new.train(old.training)
     if isinstance(new, nn.Identity):
         return new
-    new.eps = old.eps
+    if norm not in ACT_NORMS and not isinstance(old, FilterResponseNorm2d | EvoNorm2dB0
+                                                   | EvoNorm2dS0):
+        new.eps = old.eps
+    both_batch = all(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in (old, new))
+    if both_batch:
+        new.momentum = old.momentum
     with torch.no_grad():
-        if getattr(old, "weight", None) is not None:
+        if getattr(old, "weight", None) is not None and getattr(new, "weight", None) is not None:
             new.weight.copy_(old.weight)
             new.bias.copy_(old.bias)
-        both_track = all(isinstance(m, nn.modules.batchnorm._BatchNorm) and
-                         m.running_mean is not None for m in (old, new))
-        if both_track:
+        if both_batch and old.running_mean is not None and new.running_mean is not None:
             for key in ("running_mean", "running_var", "num_batches_tracked"):
                 getattr(new, key).copy_(getattr(old, key))
     return new
+
+
+# -- Batch Norm's inference remedies: population statistics, or batch statistics at test
+
+def _batch_dependent(model: nn.Module) -> list[nn.Module]:
+    """The layers whose output depends on the other images of the batch in training and
+    that keep running statistics for eval: Batch Norm (every kind), Batch Renorm,
+    EvoNorm-B0."""
+    return [m for m in model.modules()
+            if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None)
+            or isinstance(m, EvoNorm2dB0)]
+
+
+@contextmanager
+def _batch_mode(layers: list[nn.Module], momentum: float) -> Iterator[None]:
+    """The batch-dependent ``layers`` in training mode with ``momentum`` (1: the running
+    statistics become the last batch's; 0: they stay), Batch Renorm as plain Batch Norm
+    (r = 1, d = 0), everything restored afterwards but the running statistics."""
+    saved = [(m.training, m.momentum, getattr(m, "r_max", None), getattr(m, "d_max", None),
+              getattr(m, "num_batches_tracked", None), getattr(m, "virtual_batches", None))
+             for m in layers]
+    tracked = [None if s[4] is None else s[4].clone() for s in saved]
+    try:
+        for m in layers:
+            m.train()
+            m.momentum = momentum
+            if hasattr(m, "r_max"):
+                m.r_max, m.d_max = 1.0, 0.0
+        yield
+    finally:
+        for m, (training, old_momentum, r_max, d_max, count, parts), n in zip(
+                layers, saved, tracked, strict=True):
+            m.train(training)
+            m.momentum = old_momentum
+            if r_max is not None:
+                m.r_max, m.d_max = r_max, d_max
+            if count is not None:
+                count.copy_(n)
+            if parts is not None:
+                m.virtual_batches = parts
+
+
+def _pieces(x: torch.Tensor, layers: list[nn.Module], images_per_statistic: int | None
+            ) -> Iterator[torch.Tensor]:
+    """The model calls that give every ``images_per_statistic`` consecutive images of ``x``
+    their own statistics (the last group may be smaller); by default one call, over all of
+    ``x``. Where every layer takes ``virtual_batches`` (normlab's), whole groups go in one
+    call with the layers set to cut it; otherwise each group is a call of its own."""
+    if images_per_statistic is None:
+        _set_parts(layers, 1)
+        yield x
+        return
+    if all(hasattr(m, "virtual_batches") for m in layers):
+        full = len(x) // images_per_statistic * images_per_statistic
+        if full:
+            _set_parts(layers, full // images_per_statistic)
+            yield x[:full]
+        if full < len(x):
+            _set_parts(layers, 1)
+            yield x[full:]
+        return
+    _set_parts(layers, 1)
+    yield from x.split(images_per_statistic)
+
+
+def _set_parts(layers: list[nn.Module], parts: int) -> None:
+    for m in layers:
+        if hasattr(m, "virtual_batches"):
+            m.virtual_batches = parts
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor | tuple | list],
+               images: int | None = None, images_per_statistic: int | None = None) -> int:
+    """PreciseBN (Wu & Johnson 2021; fvcore's ``update_bn_stats``): recompute the running
+    statistics of every batch-dependent layer of ``model`` with its final weights, as the
+    average over ``batches`` of each batch's statistics (equal weight per batch), instead of
+    the moving average that training left, which mixes statistics of earlier weights.
+
+    The batch-dependent layers (any Batch Norm, Batch Renorm as plain Batch Norm, EvoNorm-B0)
+    run in training mode, everything else in eval mode, without gradients; nothing but
+    their ``running_mean`` / ``running_var`` changes. ``batches`` yields inputs (or tuples
+    whose first element is the input); ``images`` stops after that many images, in whole
+    batches. ``images_per_statistic`` computes each statistic over that many images of a
+    batch, e.g. the grouping the model trained with;
+    by default over the whole batch, the population statistics. Under torch.distributed
+    every rank calls it with its own batches, and the averages are taken over all ranks'.
+    Returns the number of batches used.
+
+    Example: ``precise_bn(model, (x for x, _ in train_loader), images=10_000)``.
+    """
+    layers = _batch_dependent(model)
+    if not layers:
+        raise ValueError("the model has no layer with running statistics (Batch Norm, "
+                         "Batch Renorm, EvoNorm-B0): nothing to recompute")
+    was_training = model.training
+    model.eval()
+    sums = [[torch.zeros_like(m.running_var, dtype=torch.float64) for _ in range(2)]
+            for m in layers]
+    used = seen = 0
+    try:
+        with _batch_mode(layers, momentum=1.0):
+            for batch in batches:
+                x = batch[0] if isinstance(batch, tuple | list) else batch
+                if images is not None and seen + len(x) > images:
+                    if used == 0:
+                        raise ValueError(f"{images} image(s) do not make one batch of {len(x)}")
+                    break
+                for piece in _pieces(x, layers, images_per_statistic):
+                    model(piece)
+                    for m, (mean, var) in zip(layers, sums, strict=True):
+                        if getattr(m, "running_mean", None) is not None:
+                            mean += m.running_mean
+                        var += m.running_var
+                    used += 1
+                seen += len(x)
+    finally:
+        model.train(was_training)
+    if used == 0:
+        raise ValueError("no batches to compute the statistics from")
+    batches_used = used
+    total = torch.tensor([float(used)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flat = torch.cat([total, *(t for pair in sums for t in pair)])
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+        flat = flat.to(device)
+        dist.all_reduce(flat)
+        total, rest = flat[:1].cpu(), flat[1:].cpu()
+        sums, start = [], 0
+        for m in layers:
+            n = m.running_var.numel()
+            sums.append([rest[start:start + n], rest[start + n:start + 2 * n]])
+            start += 2 * n
+    for m, (mean, var) in zip(layers, sums, strict=True):
+        if getattr(m, "running_mean", None) is not None:
+            m.running_mean.copy_(mean / total)
+        m.running_var.copy_(var / total)
+    return batches_used
+
+
+@contextmanager
+def batch_statistics(model: nn.Module, images_per_statistic: int | None = None
+                     ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Mini-batch statistics at test time (Wu & Johnson 2021): inside, the yielded function
+    runs ``model`` (in eval mode) with its batch-dependent layers normalising every
+    ``images_per_statistic`` consecutive images of the input with their own statistics (by
+    default the whole input), as in training, and leaving the running statistics as they
+    are. A prediction then depends on the other images of its group. Batch Renorm
+    normalises as plain Batch Norm.
+
+    Example: ``with batch_statistics(model, 8) as forward: logits = forward(x)``.
+    """
+    layers = _batch_dependent(model)
+    was_training = model.training
+    model.eval()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model(piece) for piece in _pieces(x, layers, images_per_statistic)])
+
+    try:
+        with _batch_mode(layers, momentum=0.0):
+            yield forward
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -386,7 +429,7 @@ def statistics_seen(model: nn.Module, batches: Iterable[torch.Tensor], images_pe
 
             def record(_layer: nn.Module, inputs: tuple[torch.Tensor], name: str = name) -> None:
                 part = inputs[0][:images_per_statistic].float()
-                var, mean = torch.var_mean(part, dim=(0, 2, 3), correction=0)
+                var, mean = torch.var_mean(part, dim=[0, *range(2, part.dim())], correction=0)
                 seen[name]["mean"].append(mean)
                 seen[name]["var"].append(var)
 

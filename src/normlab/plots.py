@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -135,33 +136,46 @@ def plot_errors(lines: Mapping[str, Mapping[int, Sequence[float]]], xlabel: str,
                 references: Mapping[str, Sequence[float]] | None = None,
                 points: Sequence[tuple[str, int, Sequence[float]]] = (), note: str = "",
                 path: str | Path | None = None, legend_size: float | None = None) -> Figure:
-    """Test error against a power-of-two size (log-log), the figure of every grid experiment:
-    each of ``lines`` (label -> size -> errors over seeds) as its mean with a min–max band
-    over seeds; each of ``references`` (label -> errors over seeds), which do not depend on
-    the size, as a flat dashed line with its band; and ``points`` (label, size, errors), e.g.
-    multi-process runs, as separate markers with min–max bars. ``note`` (what was held fixed)
-    goes under the axes in small print."""
+    """Test error against a power-of-two size (log-log), the figure of every grid experiment,
+    drawn by ``draw_errors``; ``note`` (what was held fixed) goes under the axes in small
+    print."""
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
+    draw_errors(ax, lines, xlabel, title, references, points)
+    ax.legend(fontsize=legend_size)
+    return with_note(fig, note, path, dpi=110)
+
+
+def draw_errors(ax, lines: Mapping[str, Mapping[int, Sequence[float]]], xlabel: str, title: str,
+                references: Mapping[str, Sequence[float]] | None = None,
+                points: Sequence[tuple[str, int, Sequence[float]]] = (),
+                styles: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Onto ``ax``: each of ``lines`` (label -> size -> errors over seeds) as its mean with a
+    min–max band over seeds; each of ``references`` (label -> errors over seeds), which do
+    not depend on the size, as a flat dashed line with its band; and ``points`` (label,
+    size, errors), e.g. multi-process runs, as separate markers with min–max bars; on
+    ``error_axes``. ``styles`` (label -> matplotlib line keywords) may give a line a colour
+    and line style of its own; the references' colours follow the lines' distinct ones."""
+    styles = styles or {}
+    colours = []
     for i, (label, by_size) in enumerate(lines.items()):
         sizes = np.array(sorted(by_size))
         values = [np.asarray(by_size[b], dtype=float) for b in sizes]
-        color = f"C{i % 10}"
-        ax.plot(sizes, [v.mean() for v in values], marker="o", color=color, label=label)
+        style = {"color": f"C{i % 10}", **styles.get(label, {})}
+        colours.append(style["color"])
+        ax.plot(sizes, [v.mean() for v in values], marker="o", label=label, **style)
         if max(len(v) for v in values) > 1:
             ax.fill_between(sizes, [v.min() for v in values], [v.max() for v in values],
-                            alpha=0.2, color=color, linewidth=0)
+                            alpha=0.2, color=style["color"], linewidth=0)
     references = references or {}
-    for i, (label, errors) in enumerate(references.items(), len(lines)):
+    for i, (label, errors) in enumerate(references.items(), len(set(colours))):
         e = np.asarray(errors, dtype=float)
         ax.axhline(e.mean(), color=f"C{i % 10}", linestyle="--", label=label)
         ax.axhspan(e.min(), e.max(), color=f"C{i % 10}", alpha=0.12, linewidth=0)
-    first = len(lines) + len(references)  # the points' colours follow the lines'
+    first = len(set(colours)) + len(references)  # the points' colours follow the lines'
     for i, (label, x, errors) in enumerate(points):
         e = np.asarray(errors, dtype=float)
         ax.errorbar([x], [e.mean()], yerr=[[e.mean() - e.min()], [e.max() - e.mean()]],
                     marker="sD^v"[i % 4], markersize=8, linestyle="none", alpha=0.85,
                     color=f"C{(first + i) % 10}", capsize=4, label=label)
     error_axes(ax, sorted({b for by_size in lines.values() for b in by_size}), xlabel, title)
-    ax.legend(fontsize=legend_size)
-    return with_note(fig, note, path, dpi=110)

@@ -115,7 +115,7 @@ def execute(run: Run, experiment: Experiment, s: Settings, data: Data, device: t
             num_groups=s.num_groups, epochs=s.epochs, seed=run.seed, batch_size=run.batch_size,
             lr=run.lr, device=device, data=data, name=run.label, progress=s.progress,
             on_epoch=log, checkpoint=checkpoint_of(s.out, run), precision=s.precision,
-            virtual_batch_size=run.split(s.virtual_batch_size))
+            virtual_batch_size=run.split(s.virtual_batch_size), weight_std=variant.weight_std)
     except TrainingDiverged as exc:
         if s.writes:
             print(f"normlab {experiment.name}: error: {exc}; carrying on with the other runs",
@@ -461,7 +461,7 @@ def _run(experiment: Experiment, ranks: Ranks, device: torch.device, stack: Exit
     settings = Settings(out, args.epochs, args.l1, args.num_groups, args.precision,
                         args.virtual_batch_size, not args.no_progress,
                         record["environment"]["git_revision"], args.tensorboard,
-                        writes=ranks.leader)
+                        writes=ranks.leader, world_size=ranks.world_size)
     count = {"done": len(runs) - len(todo)}
     # An experiment that prints every epoch announces each run as it starts; otherwise (and
     # with --jobs, whose runs interleave) one line per finished run says how it went.

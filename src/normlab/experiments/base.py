@@ -17,6 +17,7 @@ import torch
 from ..data import Data
 from ..engine import VARIANTS
 from ..model import Net
+from ..norms import BATCH_NORMS, VIRTUAL_BATCH_NORMS
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,20 @@ class Run:
     def split(self, default: int | None) -> int | None:
         """The virtual batch size this run trains with: its own, else the command line's
         (``default``); None for the norms without batch statistics."""
-        if VARIANTS[self.variant].norm != "batch":
+        if VARIANTS[self.variant].norm not in VIRTUAL_BATCH_NORMS:
             return None
         return self.virtual_batch_size or default
+
+    def images_per_statistic(self, s: Settings) -> int | None:
+        """How many images each of its batch statistics covers: a virtual batch, else each
+        process's part of the batch (synchronized: the whole batch); None for the norms
+        without batch statistics."""
+        norm = VARIANTS[self.variant].norm
+        if norm == "syncbatch":
+            return self.batch_size
+        if norm not in BATCH_NORMS:
+            return None
+        return self.split(s.virtual_batch_size) or self.batch_size // s.world_size
 
     @property
     def stem(self) -> str:
@@ -58,6 +70,7 @@ class Settings:
     revision: str = "unknown"  # the git revision, recorded in every weights file
     tensorboard: Path | None = None  # log every run's epochs here, one TensorBoard run each
     writes: bool = True  # rank 0 (or a single process): writes weights and figures
+    world_size: int = 1  # processes each run is spread over (torchrun)
 
 
 class Experiment:

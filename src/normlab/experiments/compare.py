@@ -98,7 +98,9 @@ class Compare(Experiment):
         variant = VARIANTS[run.variant]
         save_model(model, s.out / f"{run.stem}{WEIGHTS_SUFFIX}", variant=run.variant,
                    seed=run.seed, test_acc=history["test_acc"][-1], eval_split=data.eval_split,
-                   git_revision=s.revision)
+                   git_revision=s.revision, dataset=self.args.dataset,
+                   batch_size=run.batch_size, holdout=self.args.holdout,
+                   images_per_statistic=run.images_per_statistic(s), precision=s.precision)
         _, test_loader = make_loaders(data, run.batch_size, run.seed, device)
         wrong = misclassified(model, device, test_loader, n=10)
         if run.seed == self.args.seeds[0]:

@@ -151,7 +151,8 @@ class Statistics(Sweep):
             save_model(model, s.out / f"{run.stem}{WEIGHTS_SUFFIX}", variant=run.variant,
                        seed=run.seed, test_acc=result["test_acc"],
                        images_per_statistic=result["images_per_statistic"],
-                       git_revision=s.revision)
+                       git_revision=s.revision, dataset=self.args.dataset,
+                       batch_size=run.batch_size, precision=s.precision)
         return result
 
     def announce(self, data: Data, device: torch.device, verb: str, out: Path) -> str:

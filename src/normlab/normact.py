@@ -1,0 +1,198 @@
+"""Normalization-activation layers and Weight Standardization: the small-batch remedies that
+need no batch statistics at all (FRN, EvoNorm-S0), or only per-channel variances (EvoNorm-B0),
+and the one that changes the convolution instead of the norm (Weight Standardization).
+
+FRN and EvoNorm **replace the norm and the ReLU** after a convolution (timm's
+``create_norm_act`` pattern); their parameter names are timm's (``timm/layers/evo_norm.py``,
+``filter_response_norm.py``, ``std_conv.py``), so a timm user recognises them. Each is
+tested against a float64 implementation of its paper's formula, written in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _per_channel(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (C,) parameter shaped to broadcast over (N, C, H, W), in ``x``'s dtype."""
+    return param.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32, for statistics (bfloat16 inputs under autocast)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _check_2d(layer: nn.Module, x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{type(layer).__name__} expects (N, C, H, W) input, got "
+                         f"{x.dim()}-D")
+
+
+class FilterResponseNorm2d(nn.Module):
+    """Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan 2020):
+
+        ν² = mean over H, W of x²,   y = max(γ · x / √(ν² + ε) + β, τ),
+
+    per image and channel, with a learned threshold τ per channel. No batch statistics and no
+    mean subtraction; it **replaces the norm and the ReLU** after a convolution. ε = 1e-6 (the
+    paper's; it suggests a learned ε for 1×1 maps, which normlab's model never has).
+    Parameters ``weight`` (γ), ``bias`` (β) and ``tau`` (τ), as timm names them.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        kw = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.ones(num_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(num_features, **kw))
+        self.tau = nn.Parameter(torch.zeros(num_features, **kw))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_2d(self, x)
+        # mean over H, W of x^2 as one fused reduction (a norm), then one fused multiply-add
+        nu2 = torch.linalg.vector_norm(_wide(x), dim=(2, 3), keepdim=True).square() \
+            / (x.shape[2] * x.shape[3])
+        scale = torch.rsqrt(nu2 + self.eps).to(x.dtype) * _per_channel(self.weight, x)
+        return torch.maximum(torch.addcmul(_per_channel(self.bias, x), x, scale),
+                             _per_channel(self.tau, x))
+
+
+class EvoNorm2dB0(nn.Module):
+    """EvoNorm-B0 (Liu et al. 2020), a normalization and activation in one layer:
+
+        y = x / max(√(var_{N,H,W}(x) + ε), v · x + √(var_{H,W}(x) + ε)) · γ + β,
+
+    the batch variance per channel (biased, in training; a running variance at eval) against
+    each image's own variance per channel. Batch-dependent like Batch Norm, so it takes
+    ``virtual_batches`` (each part its own batch variance) and keeps a running variance
+    (unbiased, momentum 0.1, as timm); under data parallelism each device uses its own part.
+    ε = 1e-3 and the parameter names ``weight``, ``bias``, ``v`` and buffer ``running_var``
+    are timm's. It **replaces the norm and the ReLU**.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.1, *,
+                 virtual_batches: int = 1, device=None, dtype=None) -> None:
+        super().__init__()
+        if virtual_batches < 1:
+            raise ValueError(f"virtual_batches must be >= 1, got {virtual_batches}")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.virtual_batches = virtual_batches
+        kw = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.ones(num_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(num_features, **kw))
+        self.v = nn.Parameter(torch.ones(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+
+    def extra_repr(self) -> str:
+        extra = f", virtual_batches={self.virtual_batches}" if self.virtual_batches > 1 else ""
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}{extra}"
+
+    def _batch_var(self, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor
+                   ) -> torch.Tensor:
+        """Each image's batch variance per channel, (N, C, 1, 1), over its part of the batch
+        (``virtual_batches``, split as ``torch.tensor_split`` splits), from the images' own
+        means and variances by Chan's formula (the part's variance is the mean of its
+        images' variances plus the variance of their means): no second pass over ``x``. The
+        running variance moves towards the average of the parts' unbiased variances."""
+        k = self.virtual_batches
+        if len(x) < k:
+            raise ValueError(f"virtual_batches={k} needs at least {k} images, got {len(x)}: "
+                             f"every part needs an image to compute its statistics")
+        pixels = x.shape[2] * x.shape[3]
+        if (len(x) // k) * pixels <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got "
+                             f"input size {list(x.shape)} in {k} part(s): EvoNorm-B0's batch "
+                             f"variance needs at least two values")
+        n, c = x.shape[:2]
+        if n % k == 0:  # the usual case: every part at once, as (K, N/K, C)
+            m, v = mean.view(k, n // k, c), var.view(k, n // k, c)
+            batch = v.mean(1) + (m - m.mean(1, keepdim=True)).square().mean(1)  # (K, C)
+            count = n // k * pixels
+            self._update_running(batch.detach().mean(0) * count / (count - 1))
+            return batch.unsqueeze(1).expand(k, n // k, c).reshape(n, c, 1, 1)
+        # A smaller last batch that K does not divide: split it as K devices would.
+        parts = [(m.flatten(1), v.flatten(1)) for m, v in zip(mean.tensor_split(k),
+                                                               var.tensor_split(k), strict=True)]
+        batch = [v.mean(0) + (m - m.mean(0)).square().mean(0) for m, v in parts]
+        self._update_running(torch.stack([b.detach() * len(m) * pixels / (len(m) * pixels - 1)
+                                          for b, (m, _) in zip(batch, parts, strict=True)]
+                                         ).mean(0))
+        return torch.cat([b.view(1, -1, 1, 1).expand(len(m), -1, 1, 1)
+                          for b, (m, _) in zip(batch, parts, strict=True)])
+
+    @torch.no_grad()
+    def _update_running(self, unbiased_var: torch.Tensor) -> None:
+        self.running_var.mul_(1 - self.momentum).add_(unbiased_var * self.momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_2d(self, x)
+        var, mean = torch.var_mean(_wide(x), (2, 3), correction=0, keepdim=True)
+        batch = self._batch_var(mean, var, x) if self.training \
+            else _per_channel(self.running_var, var)
+        left = (batch + self.eps).sqrt().to(x.dtype)
+        right = torch.addcmul((var + self.eps).sqrt().to(x.dtype), x, _per_channel(self.v, x))
+        return torch.addcmul(_per_channel(self.bias, x), x / torch.maximum(left, right),
+                             _per_channel(self.weight, x))
+
+
+class EvoNorm2dS0(nn.Module):
+    """EvoNorm-S0 (Liu et al. 2020), a normalization and activation in one layer:
+
+        y = x · sigmoid(v · x) / √(var over (C/G, H, W) + ε) · γ + β,
+
+    the variance per image and group of channels, as Group Norm's (biased); no batch
+    statistics and no running state. ε = 1e-5, ``groups`` as Group Norm's, parameter names
+    ``weight``, ``bias``, ``v`` as timm's. It **replaces the norm and the ReLU**.
+    """
+
+    def __init__(self, num_features: int, groups: int = 4, eps: float = 1e-5, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        if groups < 1 or num_features % groups:
+            raise ValueError(f"num_groups={groups} does not divide {num_features} channels; "
+                             f"pick a divisor of {num_features}")
+        self.num_features, self.groups, self.eps = num_features, groups, eps
+        kw = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.ones(num_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(num_features, **kw))
+        self.v = nn.Parameter(torch.ones(num_features, **kw))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, groups={self.groups}, eps={self.eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_2d(self, x)
+        n, c = x.shape[:2]
+        var, _ = torch.var_mean(_wide(x).reshape(n, self.groups, -1), 2, correction=0,
+                                keepdim=True)
+        inv = torch.rsqrt(var + self.eps).expand(n, self.groups, c // self.groups)
+        scale = inv.reshape(n, c, 1, 1).to(x.dtype) * _per_channel(self.weight, x)
+        return torch.addcmul(_per_channel(self.bias, x),
+                             x * torch.sigmoid(x * _per_channel(self.v, x)), scale)
+
+
+class StdConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with Weight Standardization (Qiao et al. 2019): every forward, each output
+    filter is standardised to zero mean and unit variance over its inputs and kernel
+    positions (biased variance, ε = 1e-6 inside the square root, as timm's ``StdConv2d``)
+    before the convolution. The stored ``weight`` stays the raw one, so weights load as for
+    ``nn.Conv2d``. Meant for convolutions followed by a normalization: it removes the
+    filters' scale, which the following norm then has to supply."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def standardised_weight(self) -> torch.Tensor:
+        # Batch Norm's kernel over (1, out, in * kh * kw): one mean and variance per filter.
+        return F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                            training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.standardised_weight(), self.bias)
