@@ -6,6 +6,9 @@ import gzip
 import hashlib
 import os
 import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,35 @@ def default_sigint() -> None:
     shell starting the test suite in the background (``cmd &``) leaves it ignored, and
     Python then installs no KeyboardInterrupt handler in its children."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# -- processes a test starts: bounded in time, every port and process freed
+
+TIMEOUT = 120  # seconds any launched run may take before the test fails it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str, str]:
+    """Wait for a launched run (started with ``start_new_session=True``); kill its whole
+    process group if it overruns, and fail the test."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"run did not finish in {timeout} s:\n{out}\n{err}")
+    return proc.returncode, out, err
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    """Wait until ``path`` exists (a checkpoint, say) while ``proc`` still runs."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)

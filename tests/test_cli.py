@@ -227,9 +227,16 @@ def test_several_seeds_give_intervals_pairwise_differences_and_a_band(tiny_mnist
     assert f"| gn − ln | 3 | {diff.mean:+.3f} | {diff.low:+.3f} to {diff.high:+.3f} |" in report
     assert "seeds 1, 2, 3" in report
     assert f"{gn.mean:18.2f}%" in printed  # the summary printed at the end
-    # The curves figure shows the mean with a min-max band for each variant.
-    from matplotlib.image import imread
-    assert imread(out / "curves.png").shape[1] > 1000
+    # The curves figure, as drawn from the record: each variant's mean accuracy with a band
+    # from its lowest to its highest seed.
+    fig = plot_curves({name: [r["history"] for r in v["runs"]]
+                       for name, v in metrics["variants"].items()})
+    acc_ax = fig.get_axes()[1]
+    for band, name in zip(acc_ax.collections, ("gn", "ln"), strict=True):
+        final = [r["history"]["test_acc"][-1] for r in metrics["variants"][name]["runs"]]
+        ys = band.get_paths()[0].vertices[:, 1]
+        assert ys.min() <= min(final) and max(final) <= ys.max()
+    assert (out / "curves.png").stat().st_size > 0
 
 
 def test_holdout_tunes_on_training_images_and_never_reads_the_test_set(tiny_mnist, tmp_path,
@@ -269,3 +276,43 @@ def test_precision_option_is_recorded_and_checked(tiny_mnist, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["config"]["precision"] == "fp32"
     code, line = cli_error(["compare", "--precision", "fp8", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "argument --precision: invalid choice: 'fp8'" in line
+
+
+def test_report_redraws_sweep_and_statistics_folders_and_refuses_a_corrupt_record(tmp_path,
+                                                                                  capsys):
+    from test_sweep import _record
+
+    sweep = _record(("bn", 128, 1, 99.3), ("gn", 128, 1, 98.9), ("gn", 2, 1, 90.0))
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(sweep))
+    assert main(["report", str(tmp_path / "sweep")]) == 0
+    assert "| Group Norm (gn) | 10.00 | 1.10 |" in (tmp_path / "sweep" / "report.md").read_text()
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+
+    statistics = json.loads(json.dumps(sweep))  # a statistics record: images per statistic
+    statistics["config"].update(images_per_statistic=[2, 128], batch_size=128, processes=1,
+                                variants=["bn", "gn"])
+    statistics["started"] = "2026-01-01T00:00:00+00:00"
+    statistics["runs"] = {
+        f"bn/ips{ips}/seed1": dict(variant="bn", images_per_statistic=ips, seed=1,
+                                   test_error=e, test_loss=0.1, train_loss=0.1,
+                                   wall_time_s=1.0) for ips, e in ((2, 1.5), (128, 0.6))}
+    statistics["runs"]["gn/seed1"] = dict(variant="gn", images_per_statistic=None, seed=1,
+                                          test_error=0.7, test_loss=0.1, train_loss=0.1,
+                                          wall_time_s=1.0)
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats" / "statistics.json").write_text(json.dumps(statistics))
+    assert main(["report", str(tmp_path / "stats")]) == 0
+    text = (tmp_path / "stats" / "report.md").read_text()
+    assert "| Batch Norm (bn) | 1.50 | 0.60 |" in text
+    assert "| Group Norm (gn), any grouping | 0.70 | 0.70 |" in text
+    assert (tmp_path / "stats" / "statistics.png").stat().st_size > 0
+
+    del statistics["runs"]["gn/seed1"]["test_error"]  # a record missing a number
+    (tmp_path / "stats" / "statistics.json").write_text(json.dumps(statistics))
+    code, line = cli_error(["report", str(tmp_path / "stats")], capsys)
+    assert code == 2 and line.endswith("statistics.json is corrupt (KeyError: 'test_error'); "
+                                       "cannot draw a report from it")
+    (tmp_path / "sweep" / "sweep.json").write_text("{ half a record")
+    code, line = cli_error(["report", str(tmp_path / "sweep")], capsys)
+    assert code == 2 and "sweep.json is corrupt (JSONDecodeError" in line

@@ -65,6 +65,39 @@ def test_count_mismatch_between_images_and_labels(tmp_path):
         load_split("train", tmp_path, replace(spec, files=files), download_missing=False)
 
 
+def _replace_file(folder: Path, spec: D.DatasetSpec, key: str, tensor: torch.Tensor,
+                  magic: int) -> D.DatasetSpec:
+    """Write ``tensor`` as the IDX file ``key`` and return a spec whose checksum accepts it,
+    so that the check after the checksum is what answers."""
+    data = idx_bytes(tensor, magic)
+    name = spec.files[key][0]
+    (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+    return replace(spec, files={**spec.files, key: (name, hashlib.md5(data).hexdigest())})
+
+
+def test_labels_beyond_the_classes_are_refused(tmp_path):
+    spec = write_dataset(tmp_path)
+    _, labels = synthetic_digits(256)
+    labels[17] = 12
+    spec = _replace_file(tmp_path, spec, "train-labels", labels, D.LABEL_MAGIC)
+    with pytest.raises(DataError, match="train labels go up to 12, expected fewer than 10 "
+                                        "classes; replace the train files"):
+        load_split("train", tmp_path, spec, download_missing=False)
+
+
+@pytest.mark.parametrize("shape", [(256, 784), (256, 28, 28, 1)])
+def test_images_that_are_not_n_by_h_by_w_are_refused(tmp_path, shape):
+    """An IDX file's magic number states its dimensions: a 2-D or 4-D "image" file, even with
+    a matching checksum, is refused by it (so every split that loads is N x H x W)."""
+    spec = write_dataset(tmp_path)
+    magic = 0x800 + len(shape)
+    spec = _replace_file(tmp_path, spec, "train-images", torch.zeros(shape, dtype=torch.uint8),
+                         magic)
+    with pytest.raises(DataError, match=f"wrong magic number {magic} \\(expected 2051\\); "
+                                        "not an IDX image file"):
+        load_split("train", tmp_path, spec, download_missing=False)
+
+
 def test_unreadable_file_says_permission_denied(tiny, monkeypatch):
     spec, folder = tiny
     original = Path.read_bytes

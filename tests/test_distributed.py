@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,21 +27,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import cli_error, default_sigint
+from conftest import TIMEOUT, cli_error, default_sigint, finish, free_port, wait_for
 from normlab import distributed, runner
 from normlab.checkpoint import read_weights
+from normlab.engine import check_split
 from normlab.norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm2d, make_norm
 
 TESTS = Path(__file__).resolve().parent
 DRIVER = TESTS / "dist_driver.py"
-TIMEOUT = 120  # seconds any launched run may take before the test fails it
 CLOSE = dict(rtol=1e-5, atol=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the layers, against nn.BatchNorm2d -------------------------------------------------
@@ -58,16 +51,21 @@ def _sync_rank(rank: int, world: int, port: int, cases: list[dict]) -> None:
 
 
 def _sync_case(rank: int, sizes: list[int], momentum: float | None, spatial: tuple[int, ...],
-               affine: bool = True, renorm: bool = False) -> None:
+               affine: bool = True, renorm: bool = False, bf16: bool = False) -> None:
     """One layer on this rank's part of the batch against the same layer over the whole
     batch in one process: nn.BatchNorm1d/2d/3d, or for Batch Renorm normlab's own
     (tested against the paper's formula in test_layers.py)."""
     dims = max(1, len(spatial))
     label = f"sizes {sizes}, spatial {spatial}, momentum {momentum}, affine {affine}, " \
-            f"renorm {renorm}"
+            f"renorm {renorm}, bf16 {bf16}"
     torch.manual_seed(0)
     x = torch.randn(sum(sizes), 5, *spatial) * 3 + 1
     upstream = torch.randn_like(x)
+    close = CLOSE
+    if bf16:  # bfloat16 input (as under autocast): statistics in float32, output bfloat16
+        x = x.bfloat16().float()  # the oracle sees exactly the values the layer gets
+        upstream = upstream.bfloat16().float()  # and the same upstream gradient
+        close = dict(rtol=1e-2, atol=5e-2)  # for what is rounded to bfloat16: y and dy/dx
     if renorm:
         oracle = BatchRenorm2d(5, momentum=momentum, r_max=1.5, d_max=0.5)
         layer = BatchRenorm2d(5, momentum=momentum, r_max=1.5, d_max=0.5, sync=True)
@@ -85,11 +83,12 @@ def _sync_case(rank: int, sizes: list[int], momentum: float | None, spatial: tup
         xo = x.clone().requires_grad_()
         yo = oracle(xo)
         (yo * upstream).sum().backward()
-        xl = x[part].clone().requires_grad_()
+        xl = x[part].clone().to(torch.bfloat16 if bf16 else x.dtype).requires_grad_()
         y = layer(xl)
+        assert y.dtype == xl.dtype
         (y * upstream[part]).sum().backward()
-        torch.testing.assert_close(y, yo[part], **CLOSE, msg=lambda m: f"{label}: {m}")
-        torch.testing.assert_close(xl.grad, xo.grad[part], **CLOSE,
+        torch.testing.assert_close(y.float(), yo[part], **close, msg=lambda m: f"{label}: {m}")
+        torch.testing.assert_close(xl.grad.float(), xo.grad[part], **close,
                                    msg=lambda m: f"{label}: {m}")
         for name in ("weight", "bias") if affine else ():  # each rank holds its share
             grad = getattr(layer, name).grad.clone()
@@ -102,6 +101,8 @@ def _sync_case(rank: int, sizes: list[int], momentum: float | None, spatial: tup
         layer.zero_grad()
         oracle.zero_grad()
         x = x * 0.5 + 2
+        if bf16:
+            x = x.bfloat16().float()
 
 
 def spawn(fn, *args, world: int = 2) -> None:
@@ -129,6 +130,7 @@ SYNC_CASES = [
     dict(sizes=[3, 2], momentum=0.1, spatial=(3, 4, 5)),
     dict(sizes=[2, 0], momentum=0.1, spatial=(2, 3, 3)),
     dict(sizes=[7, 3], momentum=0.1, spatial=(6, 6), renorm=True),
+    dict(sizes=[6, 4], momentum=0.1, spatial=(6, 6), bf16=True),
 ]
 
 
@@ -136,7 +138,8 @@ def test_sync_batchnorm_over_two_ranks_equals_batchnorm_over_the_whole_batch():
     """Outputs, input gradients, weight/bias gradients and running statistics, on (N, C),
     (N, C, L), (N, C, H, W) and (N, C, D, H, W) inputs, with unequal per-rank batches, a
     rank with no images, momentum=None (cumulative average), affine=False, small and large
-    maps, and synchronized Batch Renorm with its clipping active. All cases in one pair of
+    maps, bfloat16 input (statistics in float32), and synchronized Batch Renorm with its
+    clipping active. All cases in one pair of
     processes (starting them costs more than the cases)."""
     spawn(_sync_rank, SYNC_CASES)
 
@@ -231,17 +234,6 @@ def launch(args: list[str], env: dict[str, str], nproc: int = 0, cwd: Path | Non
                             preexec_fn=default_sigint)
 
 
-def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str, str]:
-    """Wait for a launched run; kill its whole process group if it overruns."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"run did not finish in {timeout} s:\n{out}\n{err}")
-    return proc.returncode, out, err
-
-
 def run(args: list[str], env: dict[str, str], nproc: int = 0, **kw) -> tuple[str, str]:
     code, out, err = finish(launch(args, env, nproc, **kw))
     assert code == 0, out + err
@@ -263,11 +255,15 @@ COMMON = ["compare", "--epochs", "2", "--batch-size", "64", "--no-progress", "--
 
 
 def test_two_ranks_equal_one_process_in_float64(tmp_path):
-    """32 SGD steps (2 epochs of 1,024 images, global batch 64) on each side:
-    GN over 2 ranks = GN in 1 process; SBN over 2 ranks = BN in 1 process; BN over 2 ranks
-    = BN with --virtual-batch-size 32 in 1 process; and, as the control that shows the test
-    can fail, BN over 2 ranks != BN in 1 process."""
-    env = _env(tmp_path, NORMLAB_TEST_F64="1", NORMLAB_TEST_NOISY="1")
+    """32 SGD steps (2 epochs of 1,001 images, global batch 64: every epoch ends on a batch
+    of 41, split 21/20, so the loss weighting by each rank's share and synchronized BN with
+    unequal rank batches count) on each side: GN over 2 ranks = GN in 1 process; SBN over 2
+    ranks = BN in 1 process; BN over 2 ranks = BN with --virtual-batch-size 32 in 1 process;
+    and, as the control that shows the test can fail, BN over 2 ranks != BN in 1 process.
+    2,500 test images in batches of 1,000: rank 0 evaluates two batches, rank 1 one, and the
+    sums over ranks must give one process's numbers."""
+    env = _env(tmp_path, NORMLAB_TEST_F64="1", NORMLAB_TEST_NOISY="1",
+               NORMLAB_TEST_TRAIN="1001", NORMLAB_TEST_TEST="2500")
     two, one, ghost = tmp_path / "two", tmp_path / "one", tmp_path / "ghost"
     out, _ = run([*COMMON, "--variants", "gn", "sbn", "bn", "--out", str(two)], env, nproc=2)
     run([*COMMON, "--variants", "gn", "bn", "--out", str(one), "--threads", "1"], env)
@@ -320,14 +316,6 @@ def test_two_machines_on_localhost_write_one_report(tmp_path):
     assert parallel["world_size"] == 2 and parallel["nodes"] == 2
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 def test_killed_rank_stops_every_rank_and_resume_equals_uninterrupted(tmp_path):
     env = _env(tmp_path, NORMLAB_TEST_TRAIN="3000")
     args = ["compare", "--variants", "gn", "bn", "--epochs", "3", "--batch-size", "32",
@@ -336,7 +324,7 @@ def test_killed_rank_stops_every_rank_and_resume_equals_uninterrupted(tmp_path):
     run([*args, "--out", str(whole)], env, nproc=2)
 
     proc = launch([*args, "--out", str(out)], env, nproc=2)
-    _wait_for(out / "checkpoints" / "bn-seed1.ckpt", proc)  # gn done, bn one epoch in
+    wait_for(out / "checkpoints" / "bn-seed1.ckpt", proc)  # gn done, bn one epoch in
     os.kill(int((tmp_path / "data" / "1" / "pid").read_text()), signal.SIGKILL)
     started = time.monotonic()
     code, stdout, stderr = finish(proc)
@@ -370,12 +358,19 @@ def test_bad_data_on_one_machine_stops_every_rank_with_its_message(tmp_path):
                for x in lines), err
 
 
-def test_a_global_batch_the_ranks_cannot_share_is_refused(tmp_path):
-    code, _, err = finish(launch(["compare", "--variants", "gn", "--batch-size", "33",
-                                  "--out", str(tmp_path / "run")], _env(tmp_path), nproc=2))
-    assert code != 0  # torchrun exits 1 when a worker fails, whatever the worker's code
-    assert ("normlab compare: rank 0: error: the global batch of 33 images does not split "
-            "over 2 processes; choose a --batch-size that 2 divides") in err
+def test_a_global_batch_the_ranks_cannot_share_is_refused():
+    """What every rank checks once the data is known (a torchrun launch reports it as
+    "normlab compare: rank 0: error: ...", as the bad-data test above shows)."""
+    with pytest.raises(ValueError, match=r"the global batch of 33 images does not split over "
+                                         r"2 processes; choose a --batch-size that 2 divides"):
+        check_split(1024, 33, 2)
+    with pytest.raises(ValueError, match=r"the last batch holds 1 of the 1,025 training "
+                                         r"images, too few to give each of 2 parts one"):
+        check_split(1025, 64, 2)
+    with pytest.raises(ValueError, match=r"--virtual-batch-size 24 does not divide the batch "
+                                         r"of 32 images per process \(64 over 2\)"):
+        check_split(1024, 64, 2, 24)
+    assert check_split(1001, 64, 2, 16) == 2  # 41 in the last batch: 4 parts of 10 or 11
 
 
 # -- --jobs ------------------------------------------------------------------------------
@@ -426,7 +421,7 @@ def test_ctrl_c_with_jobs_stops_the_workers_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     proc = launch(["compare", "--variants", "gn", "ln", "--epochs", "3", "--batch-size", "32",
                    "--jobs", "2", "--no-progress", "--out", str(out)], env)
-    _wait_for(out / "checkpoints" / "gn-seed1.ckpt", proc)
+    wait_for(out / "checkpoints" / "gn-seed1.ckpt", proc)
     proc.send_signal(signal.SIGINT)
     code, _, err = finish(proc, 60)
     assert code == 130 and "Traceback" not in err
@@ -498,3 +493,43 @@ def test_torchrun_environment_is_read_and_checked():
     assert (ranks.rank, ranks.world_size, ranks.local_rank, ranks.nodes) == (3, 4, 1, 2)
     with pytest.raises(ValueError, match="RANK=4 is outside WORLD_SIZE=4"):
         distributed.from_env(dict(RANK="4", WORLD_SIZE="4"))
+
+
+def test_a_dying_jobs_worker_stops_the_run_with_one_line_and_keeps_finished_work(tmp_path):
+    env = _env(tmp_path, NORMLAB_TEST_TRAIN="3000")
+    out = tmp_path / "run"
+    proc = launch(["compare", "--variants", "gn", "ln", "--epochs", "3", "--batch-size", "32",
+                   "--jobs", "2", "--no-progress", "--out", str(out)], env)
+    wait_for(out / "checkpoints" / "gn-seed1.ckpt", proc)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"],
+                              capture_output=True, text=True).stdout.split()
+    assert len(children) == 2, children  # the two workers
+    os.kill(int(children[0]), signal.SIGKILL)  # as the out-of-memory killer would
+    code, _, err = finish(proc, 60)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "normlab compare: error: a --jobs worker process died (killed, or out of memory); "
+        "finished runs and epochs are saved")
+    assert (out / "checkpoints").exists() and (out / "metrics.json").exists()
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tiny_mnist, tmp_path):
+    """A different world size changes Batch Norm's statistics: the resume must use the
+    record's (the same check every rank makes under torchrun)."""
+    from normlab.experiments.compare import Compare
+    from normlab.options import add_model_options, add_run_options
+
+    record = {"config": {"world_size": 1}}
+    parser = __import__("argparse").ArgumentParser()
+    add_model_options(parser, ("gn",))
+    add_run_options(parser)
+    args = parser.parse_args(["--out", str(tmp_path)])
+    two = distributed.Ranks(rank=0, world_size=2, local_world_size=2)
+    with pytest.raises(runner.UsageError, match=rf"{tmp_path} was run by 1 process\(es\), this "
+                                                rf"is 2; resume it the same way: normlab compare "
+                                                rf"--resume {tmp_path}"):
+        runner._load_and_check(Compare(args), record, two)
+    record["config"]["world_size"] = 2
+    with pytest.raises(runner.UsageError, match="resume it the same way: torchrun "
+                                                "--nproc-per-node 2 -m normlab compare"):
+        runner._load_and_check(Compare(args), record, distributed.Ranks())

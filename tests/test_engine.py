@@ -140,9 +140,16 @@ def test_train_model_rejects_bad_settings():
         train_model(lambda_l1=-1)
 
 
-def test_select_device():
+def test_select_device(monkeypatch):
     assert select_device("cpu") == CPU
-    assert select_device(None).type in {"cpu", "cuda", "mps"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device(None) == select_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert select_device(None) == torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert select_device(None) == CPU
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         select_device("gpu0")
     if not torch.cuda.is_available():
@@ -221,3 +228,38 @@ def test_weight_decay_touches_convolution_weights_only():
         scheduler.step()
         lrs.append(optimizer.param_groups[0]["lr"])
     assert max(lrs) == pytest.approx(0.1, rel=0.05) and lrs[-1] < 0.01  # one cycle
+
+
+class _Stop(Exception):
+    """Stands for a kill right after an epoch's checkpoint was written."""
+
+
+@pytest.mark.parametrize("norm, kwargs", [
+    ("batch", {}),  # running statistics
+    ("batch", {"virtual_batch_size": 8}),
+    ("group", {"precision": "bf16"}),
+    ("batchrenorm", {}),  # its limits follow the step count
+    ("evonorm-b0", {"virtual_batch_size": 8}),
+])
+def test_resume_inside_one_process_equals_an_uninterrupted_run(tiny, tmp_path, norm, kwargs):
+    """train_model(checkpoint=...) stopped after its first epoch and called again continues
+    from the checkpoint to the same model (parameters and running statistics) and history,
+    bit for bit."""
+    spec, folder = tiny
+    data = load_data(folder, spec)
+    common = dict(epochs=3, batch_size=32, seed=2, data=data, device="cpu", progress=False,
+                  **kwargs)
+    whole, history = train_model(norm, **common)
+    checkpoint = tmp_path / "state.ckpt"
+
+    def stop(epoch: int, row: dict) -> None:
+        if epoch == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_model(norm, checkpoint=checkpoint, on_epoch=stop, **common)
+    resumed, again = train_model(norm, checkpoint=checkpoint, **common)
+    assert {k: v for k, v in again.items() if k != "epoch_time"} == \
+        {k: v for k, v in history.items() if k != "epoch_time"}
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key

@@ -143,11 +143,13 @@ def test_evaluate_refuses_files_it_cannot_use_in_one_line(trained, tmp_path, cap
     "fashion-mnist/bn+l1-seed3.safetensors", "statistics/bn_ips4_seed1.safetensors",
     "statistics/two-processes/sbn-seed2.safetensors"])
 def test_committed_batch_norm_weights_reproduce_their_accuracy(weights, mnist_dir):
-    """One Batch Norm file per committed folder (the closing notes list every file)."""
+    """One Batch Norm file per committed folder (the closing notes list every file). The
+    folders were trained on two kinds of CPU; on another, a last-bit difference may flip one
+    borderline test image, so one image (0.01 points) of slack, as for results/compare."""
     path = RESULTS / weights
     if "fashion" in weights and not Path("/usr/share/datasets/fashion-mnist").exists():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     model, how = evaluate.load_trained(path, CPU)
     data = load_data(mnist_dir if how.dataset == "mnist" else None, how.dataset)
     _, acc = evaluate.evaluate_model(model, data, how, "running", CPU)
-    assert how.test_acc is not None and acc == how.test_acc
+    assert how.test_acc is not None and abs(acc - how.test_acc) <= 0.011

@@ -337,3 +337,18 @@ def test_batch_norm_layers_of_any_dimension_check_their_input_like_pytorch():
         BatchNorm2d(3, virtual_batches=2)(torch.randn(4, 3, 5))
     with pytest.raises(ValueError, match="at least a 2-D input"):
         BatchRenorm(3)(torch.randn(3))
+
+
+@pytest.mark.parametrize("cls", [BatchNorm2d, BatchRenorm2d])
+def test_virtual_batches_take_bfloat16_input_with_float32_statistics(cls):
+    """Under bfloat16 autocast a layer gets bfloat16 input: its statistics are computed in
+    float32 (as PyTorch's kernels do) and its output is bfloat16, close to the float32
+    layer's on the same values; the running statistics are float32 and equal."""
+    torch.manual_seed(10)
+    x = (torch.randn(16, 4, 6, 6) * 2 + 1).bfloat16()
+    layer, oracle = cls(4, virtual_batches=4), cls(4, virtual_batches=4)
+    oracle.load_state_dict(layer.state_dict())
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.running_var.dtype == torch.float32
+    torch.testing.assert_close(y.float(), oracle(x.float()), rtol=1e-2, atol=3e-2)
+    torch.testing.assert_close(layer.running_var, oracle.running_var, rtol=1e-6, atol=1e-6)

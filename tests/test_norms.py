@@ -12,6 +12,7 @@ from normlab.norms import (
     BatchNorm,
     BatchNorm1d,
     BatchNorm2d,
+    BatchRenorm2d,
     BatchRenorm3d,
     FilterResponseNorm2d,
     batch_statistics,
@@ -94,7 +95,9 @@ def test_batch_to_batch_carries_running_statistics_so_eval_outputs_are_unchanged
     x = torch.randn(4, 3, 8, 8)
     expected = model(x)
     converted = convert(model, "syncbatch")
-    assert not converted.training
+    layers = [m for m in converted.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(layers) == 7 and all(type(m) is BatchNorm2d and m.sync for m in layers)
+    assert not any(m.training for m in layers)  # the new layers kept eval mode
     torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
 
 
@@ -115,6 +118,9 @@ def test_a_norm_as_the_root_and_none_and_device_and_dtype():
     new = convert(root, "instance")
     assert isinstance(new, nn.GroupNorm) and new.num_groups == 6
     assert new.weight.dtype == torch.float64
+    on_meta = convert(nn.Sequential(nn.BatchNorm2d(6, device="meta")), "batchrenorm")[0]
+    assert type(on_meta) is BatchRenorm2d and on_meta.running_mean.device.type == "meta"
+    assert on_meta.weight.device.type == "meta"
     assert isinstance(convert(nn.Sequential(nn.BatchNorm2d(4)), "none")[0], nn.Identity)
 
 

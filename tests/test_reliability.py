@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_error, default_sigint
+from conftest import cli_error, default_sigint, wait_for
 from normlab import data as D
 from normlab import engine
 from normlab.checkpoint import CheckpointError, atomic_write, load_model
@@ -23,44 +23,34 @@ from normlab.model import Net, count_parameters
 
 TESTS = Path(__file__).resolve().parent
 
-# Runs the real CLI in a child process on a synthetic dataset big enough that an epoch
-# takes a moment (so a signal can land mid-epoch).
-DRIVER = """
-import os
-import sys
-sys.path.insert(0, {tests!r})
-from pathlib import Path
-from conftest import write_dataset
-from normlab import data as D
-from normlab.cli import main
-D.DATASETS["mnist"] = write_dataset(Path({folder!r}), n_train=3000, n_test=200)
-os.environ[D.ENV_VAR] = {folder!r}
-if __name__ == "__main__":  # --jobs workers re-import this file: only the launch runs main
-    sys.exit(main(sys.argv[1:]))
-"""
+# The real CLI in a child process (tests/dist_driver.py) on a synthetic dataset big enough that
+# an epoch takes a moment (so a signal can land mid-epoch).
+DRIVER = TESTS / "dist_driver.py"
 # One process (--jobs 1): these tests follow the runs one after another through a file.
 ARGS = ["compare", "--variants", "gn", "ln", "--epochs", "3", "--batch-size", "32",
         "--no-progress", "--device", "cpu", "--jobs", "1"]
 
 
+def _start(data: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(DRIVER), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "NORMLAB_TEST_DATA":
+                                 str(data), "NORMLAB_TEST_TRAIN": "3000"})
+
+
 @pytest.fixture
 def driver(tmp_path):
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(tests=str(TESTS), folder=str(tmp_path / "data")))
-
-    def start(*args):
-        return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return start
+    return lambda *args: _start(tmp_path / "data", *args)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The results of ARGS run to the end without interruption, shared by the tests that
+    interrupt the same run (it takes a while to train)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    proc = _start(folder / "data", *ARGS, "--out", str(folder / "whole"))
+    assert proc.wait(timeout=300) == 0, proc.communicate()
+    return _results(folder / "whole")
 
 
 def _results(out: Path) -> dict:
@@ -83,14 +73,12 @@ def _assert_same(a: dict, b: dict) -> None:
             assert torch.equal(tensor, b["weights"][name][key]), (name, key)
 
 
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(driver, tmp_path):
-    whole = driver(*ARGS, "--out", str(tmp_path / "whole"))
-    assert whole.wait(timeout=300) == 0, whole.communicate()
-
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(driver, tmp_path,
+                                                                   uninterrupted):
     out = tmp_path / "killed"
     proc = driver(*ARGS, "--out", str(out))
     # gn finished and ln has one epoch checkpointed: kill during ln's second epoch.
-    _wait_for(out / "checkpoints" / "ln-seed1.ckpt", proc)
+    wait_for(out / "checkpoints" / "ln-seed1.ckpt", proc)
     time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # it really was killed, not finished
@@ -102,14 +90,14 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(driver, tmp_p
     assert resumed.returncode == 0, stderr
     assert "gn: Group Norm, seed 1 - finished earlier, kept" in stdout
     assert "ln epoch  1/3" not in stdout and "ln epoch  2/3" in stdout  # continued, not redone
-    _assert_same(_results(tmp_path / "whole"), _results(out))
+    _assert_same(uninterrupted, _results(out))
     assert not (out / "checkpoints").exists()  # cleaned up once every variant finished
 
 
 def test_ctrl_c_saves_says_how_to_resume_and_exits_non_zero(driver, tmp_path):
     out = tmp_path / "run"
     proc = driver(*ARGS, "--out", str(out))
-    _wait_for(out / "checkpoints" / "gn-seed1.ckpt", proc)
+    wait_for(out / "checkpoints" / "gn-seed1.ckpt", proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -357,17 +345,15 @@ def small_disk(tmp_path):
 
 
 def test_a_full_filesystem_stops_with_one_line_keeps_everything_and_resumes(driver, tmp_path,
-                                                                           small_disk):
+                                                                           small_disk,
+                                                                           uninterrupted):
     """On a real full tmpfs: the write that fails names its file and the cause, every file
     keeps its previous version (no half-written file, no temporary left), and once space is
     freed the run resumes to the numbers of an uninterrupted run."""
-    args = [*ARGS, "--epochs", "4"]
-    whole = driver(*args, "--out", str(tmp_path / "whole"))
-    assert whole.wait(timeout=300) == 0, whole.communicate()
-
+    args = ARGS
     out = small_disk / "run"
     proc = driver(*args, "--out", str(out))
-    _wait_for(out / "checkpoints" / "ln-seed1.ckpt", proc)  # gn finished, ln under way
+    wait_for(out / "checkpoints" / "ln-seed1.ckpt", proc)  # gn finished, ln under way
     _fills(small_disk / "filler")
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "Traceback" not in stderr
@@ -385,7 +371,7 @@ def test_a_full_filesystem_stops_with_one_line_keeps_everything_and_resumes(driv
     resumed = driver("compare", "--resume", str(out))
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
-    _assert_same(_results(tmp_path / "whole"), _results(out))
+    _assert_same(uninterrupted, _results(out))
 
 
 def test_an_injected_disk_full_error_keeps_the_previous_version(tiny_mnist, tmp_path, capsys,
@@ -418,3 +404,24 @@ def test_an_injected_disk_full_error_keeps_the_previous_version(tiny_mnist, tmp_
     assert main(["compare", "--resume", str(out), "--data-dir", str(folder)]) == 0
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     assert _results(out)["variants"] == _results(tmp_path / "whole")["variants"]
+
+
+def test_a_file_that_is_no_training_checkpoint_or_does_not_fit_is_refused(tiny, tmp_path):
+    """The two refusals of load_training_state after the configuration matched: a loadable
+    torch file of another format, and a checkpoint whose tensors do not fit the model."""
+    spec, folder = tiny
+    data = D.load_data(folder, spec)
+    ckpt = tmp_path / "state.ckpt"
+    common = dict(epochs=2, batch_size=64, data=data, device="cpu", progress=False)
+    torch.save({"format": "something else", "config": {}}, ckpt)
+    with pytest.raises(CheckpointError, match="state.ckpt: not a normlab training checkpoint; "
+                                              "delete it to start that variant again"):
+        engine.train_model("group", checkpoint=ckpt, **common)
+    ckpt.unlink()
+    engine.train_model("group", checkpoint=ckpt, **common)
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["head.weight"] = torch.zeros(3, 3)  # the same config, a wrong tensor
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match="state.ckpt: checkpoint does not fit this model "
+                                              r"\(.*head\.weight"):
+        engine.train_model("group", checkpoint=ckpt, **common)

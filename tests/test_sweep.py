@@ -92,8 +92,10 @@ def _record(*runs):
     config = dict(dataset="mnist", epochs=2, train_images=60000, test_images=10000, lr=0.05,
                   seeds=[1], samples=None)
     environment = dict(git_revision="abc", cpu="cpu", cpu_count=2, torch_threads=2,
-                       device="cpu", normlab="0", python="3", torch="2")
+                       device="cpu", normlab="0", python="3", torch="2", numpy="2",
+                       platform="Linux")
     return dict(config=config, environment=environment, command="normlab sweep",
+                started="2026-01-01T00:00:00+00:00",
                 runs={f"{v}/bs{b}/seed{s}": dict(variant=v, batch_size=b, seed=s, test_acc=acc,
                                                   test_error=100 - acc, wall_time_s=1.0)
                       for v, b, s, acc in runs})

@@ -1,3 +1,3 @@
 """normlab: Batch, Layer and Group Normalization compared on MNIST with a compact CNN."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -128,14 +128,20 @@ def _is_safetensors(path: Path) -> bool:
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Net:
     """Rebuild a ``Net`` saved by ``save_model`` (or an older ``.pt`` weights file)."""
-    config, state, _ = read_weights(path)
+    return load_model_and_meta(path, map_location)[0]
+
+
+def load_model_and_meta(path: str | Path, map_location: str | torch.device = "cpu"
+                        ) -> tuple[Net, dict[str, str]]:
+    """``load_model``, and the file's metadata (variant, seed, test_acc, how it trained)."""
+    config, state, meta = read_weights(path)
     model = Net(**config)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit Net({config}): "
-                              f"{str(exc).splitlines()[0]}") from None
-    return model.to(map_location)
+                              f"{_first_lines(exc)}") from None
+    return model.to(map_location), meta
 
 
 def convert_weights(path: str | Path, **meta: Any) -> Path:
@@ -154,6 +160,12 @@ def convert_weights(path: str | Path, **meta: Any) -> Path:
         raise CheckpointError(f"{path}: the converted weights differ; nothing was changed")
     path.unlink()
     return target
+
+
+def _first_lines(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line ("Error(s) in loading state_dict ..." says what
+    did not fit on its following lines)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:limit]
 
 
 def _plain(value: str) -> Any:
@@ -230,6 +242,6 @@ def load_training_state(path: str | Path, config: dict[str, Any], model: Net,
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: checkpoint does not fit this model "
-                              f"({str(exc).splitlines()[0][:160]}); delete it to start that "
+                              f"({_first_lines(exc)}); delete it to start that "
                               f"variant again") from None
     return int(state["epoch"]), state["history"]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, read_weights
+from .checkpoint import CheckpointError, load_model_and_meta
 from .data import Data, Loader, load_data, make_loaders
 from .engine import at_least_fp32, autocast, test
 from .model import Net
@@ -63,13 +63,7 @@ def load_trained(path: str | Path, device: torch.device) -> tuple[Net, Trained]:
     """A saved normlab model and how it was trained: from the file's header, else from the
     record of the folder it lies in."""
     path = Path(path)
-    config, state, meta = read_weights(path)
-    model = Net(**config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit Net({config}): "
-                              f"{str(exc).splitlines()[0]}") from None
+    model, meta = load_model_and_meta(path, device)
     record = _record_config(path)
     merged = {**record, **{k: v if k in ("dataset", "precision") else json.loads(v)
                            for k, v in meta.items()
@@ -88,7 +82,7 @@ def load_trained(path: str | Path, device: torch.device) -> tuple[Net, Trained]:
         merged["images_per_statistic"] = merged["batch_size"]
     if not batch_dependent(model):
         merged["images_per_statistic"] = None
-    return model.to(device), Trained(
+    return model, Trained(
         merged["dataset"], int(merged["batch_size"]), merged["images_per_statistic"],
         merged.get("precision", "fp32"), merged.get("holdout"), merged.get("test_acc"))
 

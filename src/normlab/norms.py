@@ -130,7 +130,8 @@ def convert(model: nn.Module, norm: str, num_groups: int = 4, virtual_batches: i
     Batch Norms its running statistics, so eval outputs are unchanged. FRN and EvoNorm also
     replace the activation: a layer converts to them only when an ``nn.ReLU`` follows it in
     the same ``nn.Sequential`` (the ReLU becomes ``nn.Identity``) and its maps are 2-D; they
-    keep their own papers' eps.
+    keep their own papers' eps. Dropout or Identity between the norm and the ReLU is allowed
+    (ReLU commutes with dropout's positive scaling).
 
     Raises ValueError, naming every such layer and why, for a normalization it cannot convert
     (``nn.LayerNorm`` over the last dimension, a target not defined there, groups that do not
@@ -184,20 +185,32 @@ def _convert(module: nn.Module, norm: str, num_groups: int, virtual_batches: int
     children = list(module.named_children())
     found = False
     for i, (child_name, child) in enumerate(children):
-        follows = (isinstance(module, nn.Sequential) and i + 1 < len(children)
-                   and isinstance(children[i + 1][1], nn.ReLU))
+        relu = _relu_after(module, children, i)
         new = _convert(child, norm, num_groups, virtual_batches, skip,
                        f"{name}.{child_name}" if name else child_name, changes, problems,
-                       follows)
+                       relu is not None)
         if new:
             found = True
             if new[0] is not child:
                 setattr(module, child_name, new[0])
-                if norm in ACT_NORMS and follows:
-                    relu = f"{name}.{children[i + 1][0]}" if name else children[i + 1][0]
-                    setattr(module, children[i + 1][0], nn.Identity())
-                    changes[relu] = f"ReLU -> Identity (part of {norm})"
+                if norm in ACT_NORMS and relu is not None:
+                    setattr(module, relu, nn.Identity())
+                    changes[f"{name}.{relu}" if name else relu] = \
+                        f"ReLU -> Identity (part of {norm})"
     return [module] if found else []
+
+
+def _relu_after(module: nn.Module, children: list[tuple[str, nn.Module]], i: int) -> str | None:
+    """The name of the nn.ReLU that follows child ``i`` of an nn.Sequential, past Dropout and
+    Identity (ReLU commutes with dropout's positive scaling), or None."""
+    if not isinstance(module, nn.Sequential):
+        return None
+    for name, child in children[i + 1:]:
+        if isinstance(child, nn.ReLU):
+            return name
+        if not isinstance(child, nn.Dropout | nn.Identity):
+            return None
+    return None
 
 
 def _describe(layer: nn.Module) -> str:

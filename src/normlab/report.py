@@ -164,25 +164,25 @@ def _parallelism(p: dict[str, Any], environment: dict[str, Any]) -> str:
 
 
 
-def provenance_lines(record: dict[str, Any], configuration: bool = True, threads: bool = True,
-                     gpu: bool = True, full_versions: bool = True) -> list[str]:
-    """The "Reproduce" section: the command, then the configuration, git revision, machine,
+def provenance_lines(record: dict[str, Any], today: str | None = None) -> list[str]:
+    """The "Reproduce" section: the command (and ``today``, the same run under today's
+    defaults, where they changed), then the configuration, git revision, machine,
     parallelism and versions the record was made with."""
     env = record["environment"]
     config = ", ".join(f"{k}={v}" for k, v in record["config"].items())
-    cpus = (f"{env['cpu_count']} CPUs, {env['torch_threads']} torch threads" if threads
-            else f"{env['cpu_count']} CPUs")
-    versions = f"normlab {env['normlab']}, Python {env['python']}, torch {env['torch']}"
-    if full_versions:
-        versions += f", numpy {env['numpy']} on {env['platform']}"
+    lines = reproduce_heading(record)
+    if today is not None:
+        lines += ["The command as run; normlab's defaults have changed since, and today the "
+                  "same run is:", "", "```", today, "```", ""]
     return [
-        *reproduce_heading(record),
-        *([f"- configuration: {config}"] if configuration else []),
+        *lines,
+        f"- configuration: {config}",
         f"- git revision: `{env['git_revision']}`",
-        f"- machine: {env['cpu']} ({cpus}), device `{env['device']}`"
-        + (f", {env['gpu']}" if gpu and "gpu" in env else ""),
+        f"- machine: {env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch "
+        f"threads), device `{env['device']}`" + (f", {env['gpu']}" if "gpu" in env else ""),
         f"- parallelism: {parallel_line(record)}",
-        f"- versions: {versions}",
+        f"- versions: normlab {env['normlab']}, Python {env['python']}, torch {env['torch']}, "
+        f"numpy {env['numpy']} on {env['platform']}",
     ]
 
 
@@ -193,3 +193,12 @@ def cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{np.mean(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def time_line(record: dict[str, Any], seconds: float, where: str = "") -> str:
+    """When the record was started and how long its runs trained: the sum over runs, which
+    is not the wall-clock time when several ran at a time."""
+    jobs = (record.get("parallel") or {}).get("jobs", 1)
+    at_once = f"; {jobs} ran at a time, so the wall-clock time was shorter" if jobs > 1 else ""
+    return (f"- started {record['started']}; training time{where} {seconds:.0f} s, the sum "
+            f"over runs{at_once}")

@@ -165,6 +165,12 @@ def run_parallel(runs: list[Run], experiment: Experiment, s: Settings, data: Dat
     ``on_done`` records each as it finishes. An interrupt or error stops the workers (each
     keeps its last finished epoch's checkpoint) before it is re-raised."""
     context = torch.multiprocessing.get_context("spawn")
+    # A worker that is killed cannot release its semaphores, and multiprocessing's resource
+    # tracker (a process started with the pool) would add a warning about them after our
+    # one-line error: nothing the user can act on.
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [
+        os.environ.get("PYTHONWARNINGS"),
+        "ignore::UserWarning:multiprocessing.resource_tracker"]))
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
                                initargs=(threads, data, device))
     quiet = replace(s, progress=False)

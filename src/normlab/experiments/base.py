@@ -8,6 +8,7 @@ Each module of ``normlab.experiments`` subclasses ``Experiment`` once; the runne
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ class Experiment:
     help = ""  # one line for ``normlab --help``
     description = ""  # the subcommand's own --help text
     epoch_lines = False  # print every epoch of every run (and each run as it starts)
+    fixed: tuple[str, ...] = ()  # record config keys the experiment sets, not its options
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -154,6 +156,27 @@ class Experiment:
     def after(self, out: Path, record: dict[str, Any], data: Data, device: torch.device
               ) -> None:
         """Work on the finished runs before the report (rank 0 only)."""
+
+    @classmethod
+    def command_today(cls, record: dict[str, Any]) -> str | None:
+        """The recorded command with every option added whose value in the record today's
+        default would not give: the same run with today's normlab. None when the command as
+        run still gives it (or no longer parses)."""
+        parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+        cls.add_arguments(parser)
+        argv = shlex.split(record["command"])[2:]  # after "normlab <name>"
+        try:
+            args = parser.parse_args(argv)
+        except (argparse.ArgumentError, SystemExit):
+            return None
+        options = {a.dest: a for a in parser._actions if a.option_strings}
+        extra = []
+        for key, value in record["config"].items():
+            dest = {"lambda_l1": "l1"}.get(key, key)
+            if dest in options and key not in cls.fixed and getattr(args, dest) != value:
+                values = value if isinstance(value, list) else [value]
+                extra += [options[dest].option_strings[0], *map(str, values)]
+        return shlex.join(["normlab", cls.name, *argv, *extra]) if extra else None
 
     @staticmethod
     def render(out: Path, record: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from ..report import (
     seed_rows,
     seeds_of,
     summary_rows,
+    time_line,
 )
 from ..stats import t_interval
 from .base import Experiment, Run, Settings
@@ -219,8 +220,8 @@ def render_report(metrics: dict[str, Any]) -> str:
             lines += [f"### {v['label']} ({name})", "", f"![{name}](misclassified_{name}.png)",
                       ""]
     lines += [
-        *provenance_lines(metrics),
-        f"- started {metrics['started']}, total wall time {metrics.get('wall_time_s', 0):.0f} s",
+        *provenance_lines(metrics, Compare.command_today(metrics)),
+        time_line(metrics, metrics.get("wall_time_s", 0)),
         "",
     ]
     return "\n".join(lines)

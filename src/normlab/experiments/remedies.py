@@ -32,7 +32,7 @@ from ..model import Net
 from ..norms import BATCH_NORMS
 from ..options import add_run_options, positive_float, positive_int
 from ..plots import draw_errors, with_note
-from ..report import cell, provenance_lines
+from ..report import cell, provenance_lines, time_line
 from ..runner import UsageError
 from ..stats import paired_difference
 from .base import Run, Settings
@@ -66,6 +66,7 @@ class Remedies(Sweep):
     name = "remedies"
     record_name = "remedies.json"
     position = 3
+    fixed = ("lambda_l1",)  # no variant of the study carries L1
     help = ("what fixes Batch Norm at few images per statistic: Batch Renorm, EvoNorm, WS, "
             "FRN, PreciseBN, batch statistics at test, in the statistics study's protocol")
     description = ("Hold the optimiser fixed (global batch, learning rate, schedule, steps, "
@@ -317,9 +318,10 @@ def render_report(record: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: |" + " ---: |" * len(INFERENCE) + " ---: | ---: | ---: |",
         *(_run_row(r) for r in record["runs"].values()),
         "",
-        *provenance_lines(record),
-        f"- started {record['started']}; training and evaluation time "
-        f"{sum(r['wall_time_s'] for r in record['runs'].values()):.0f} s (the sum over runs)",
+        *provenance_lines(record, Remedies.command_today(record)),
+        time_line(record, sum(r["wall_time_s"] for r in record["runs"].values()))
+        + " (each epoch's training and test evaluation; the inference remedies' evaluations "
+        "not counted)",
         "",
     ]
     return "\n".join(text)

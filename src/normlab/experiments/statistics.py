@@ -33,7 +33,7 @@ from ..model import Net
 from ..norms import statistics_seen
 from ..options import add_run_options, positive_float, positive_int
 from ..plots import plot_errors, save_figure, with_note
-from ..report import cell, good_runs, provenance_lines
+from ..report import cell, good_runs, provenance_lines, time_line
 from ..runner import UsageError, WorkerDied, launch_torchrun
 from .base import Run, Settings
 from .sweep import DEFAULT_BATCH_SIZES, Sweep
@@ -57,6 +57,7 @@ class Statistics(Sweep):
     name = "statistics"
     record_name = "statistics.json"
     position = 2
+    fixed = ("lambda_l1",)  # no variant of the study carries L1
     help = ("vary only the images per Batch Norm statistic at a fixed global batch (the "
             "per-device effect), with GN/LN references")
     description = ("Hold the optimiser fixed (global batch, learning rate, schedule, steps, "
@@ -202,6 +203,7 @@ class Statistics(Sweep):
             metrics = json.loads(record.read_text())
         per_device = a.batch_size // a.processes
         return {"folder": TWO_PROCESSES, "command": metrics["command"],
+                "git_revision": metrics["environment"]["git_revision"],
                 "processes": a.processes,
                 "images_per_statistic": {"sbn": a.batch_size, "bn": per_device},
                 "runs": {name: {str(r["seed"]): {"test_acc": r["history"]["test_acc"][-1],
@@ -342,20 +344,23 @@ def render_report(results: dict[str, Any]) -> str:
              f"{r['wall_time_s']:.0f} s |")
           for r in results["runs"].values()),
         "",
-        *provenance_lines(results, threads=False, gpu=False, full_versions=False),
-        f"- started {results['started']}; training time {_training_time(results)}",
+        *provenance_lines(results, Statistics.command_today(results)),
+        *_time_lines(results),
         "",
     ]
     return "\n".join(lines)
 
 
-def _training_time(results: dict[str, Any]) -> str:
-    one = sum(r["wall_time_s"] for r in results["runs"].values())
+def _time_lines(results: dict[str, Any]) -> list[str]:
+    lines = [time_line(results, sum(r["wall_time_s"] for r in results["runs"].values()),
+                       " in one process")]
     two = results.get("two_processes")
-    if not two:
-        return f"{one:.0f} s"
-    more = sum(s["wall_time_s"] for v in two["runs"].values() for s in v.values())
-    return f"{one:.0f} s in one process, {more:.0f} s on {two['processes']} processes"
+    if two:
+        more = sum(s["wall_time_s"] for v in two["runs"].values() for s in v.values())
+        lines.append(f"- the {two['processes']}-process part ({two['folder']}/): training time "
+                     f"{more:.0f} s, the sum over runs, at git revision "
+                     f"`{two.get('git_revision', 'see its metrics.json')}`")
+    return lines
 
 
 def _two_process_lines(results: dict[str, Any]) -> list[str]:
@@ -377,9 +382,9 @@ def _two_process_lines(results: dict[str, Any]) -> list[str]:
         f"{two['images_per_statistic']['bn']} images, synchronized Batch Norm over all "
         f"{two['images_per_statistic']['sbn']}. Each should equal the one-process run with "
         f"the same images per statistic: in exact arithmetic they are the same computation "
-        f"(the float64 tests in tests/test_distributed.py agree to 1e-15); in float32 the two "
-        f"orders of summation round differently, and those differences grow over thousands "
-        f"of steps, so per seed they agree only to within seed-to-seed noise.",
+        f"(tests/test_distributed.py asserts that they agree to 1e-9 in float64); in float32 "
+        f"the two orders of summation round differently, and those differences grow over "
+        f"thousands of steps, so per seed they agree only to within seed-to-seed noise.",
         "",
         "| run | images per statistic | test error | one process, same statistics | "
         "per-seed difference (points) |",

@@ -36,7 +36,7 @@ from ..engine import VARIANTS
 from ..model import Net
 from ..options import add_model_options, add_run_options, positive_float, positive_int
 from ..plots import plot_errors
-from ..report import cell, provenance_lines
+from ..report import cell, provenance_lines, time_line
 from .base import Experiment, Run, Settings
 
 DEFAULT_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
@@ -183,7 +183,7 @@ def render_report(results: dict[str, Any], errors: dict[str, dict[int, list[floa
     """report.md for a batch-size sweep: the protocol, the error table and provenance."""
     cfg = results["config"]
     sizes = sorted({b for by_batch in errors.values() for b in by_batch})
-    seeds = len(cfg["seeds"])
+    seeds = cfg["seeds"]
     images = (f"all {cfg['train_images']:,}" if not cfg.get("samples")
               else f"the first {cfg['train_images']:,}")
     lines = [
@@ -194,7 +194,8 @@ def render_report(results: dict[str, Any], errors: dict[str, dict[int, list[floa
         f"the steps of a batch of 128); the peak learning rate is {cfg['lr']} × batch / 128 "
         f"(linear scaling) under a one-cycle schedule whose first 30% is a linear warm-up; "
         f"Batch Norm's statistics are over the whole batch; "
-        f"{'mean (min–max) over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'}.",
+        f"{'mean (min–max) over seeds ' if len(seeds) > 1 else 'seed '}"
+        f"{', '.join(map(str, seeds))}.",
         "",
     ]
     lines += _sanity_lines(results)
@@ -212,8 +213,8 @@ def render_report(results: dict[str, Any], errors: dict[str, dict[int, list[floa
         "",
         "![test error vs batch size](sweep.png)",
         "",
-        *provenance_lines(results, configuration=False, gpu=False, full_versions=False),
-        f"- total training time {sum(r['wall_time_s'] for r in results['runs'].values()):.0f} s",
+        *provenance_lines(results, Sweep.command_today(results)),
+        time_line(results, sum(r["wall_time_s"] for r in results["runs"].values())),
         "",
     ]
     return "\n".join(lines)

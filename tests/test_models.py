@@ -1,0 +1,132 @@
+"""``norms.convert`` on networks nobody here wrote (the ``models`` extra): MONAI's U-Net in 2-D
+and 3-D and efficientnet_pytorch's EfficientNet-b0. Each converts to every target, trains a
+step, and keeps its eval outputs where the statistics carry over; the targets that cannot
+replace these networks' layers say so, naming them. And the example of the workflow
+(examples/convert_unet3d.py: convert a 3-D U-Net, train it under torchrun, PreciseBN) on two
+processes with synchronized Batch Norm against one process with Batch Norm over the whole
+batch, in float64."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import finish
+from normlab.norms import NORMS, convert
+
+monai = pytest.importorskip("monai", reason="install the models extra: pip install "
+                            "'normlab[models]'")
+efficientnet = pytest.importorskip("efficientnet_pytorch", reason="install the models extra")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "convert_unet3d.py"
+BATCH_TARGETS = ("batch", "syncbatch", "batchrenorm")  # statistics carry over
+
+
+def unet(dims: int) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=dims, in_channels=1, out_channels=4, channels=(8, 16, 32),
+                strides=(2, 2), num_res_units=1, norm="batch")
+
+
+def efficientnet_b0() -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return efficientnet.EfficientNet.from_name("efficientnet-b0", num_classes=10)
+
+
+NETWORKS = {  # name -> (model, input, its BatchNorm type, how many)
+    "unet2d": (lambda: unet(2), (2, 1, 16, 16), nn.BatchNorm2d, 6),
+    "unet3d": (lambda: unet(3), (2, 1, 8, 8, 8), nn.BatchNorm3d, 6),
+    "efficientnet-b0": (efficientnet_b0, (2, 3, 32, 32), nn.BatchNorm2d, 49),
+}
+
+
+def _randomise(model: nn.Module) -> None:
+    """Trained-looking norms: scales, shifts and running statistics away from 1 and 0."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize("network", list(NETWORKS))
+@pytest.mark.parametrize("target", [n for n in NORMS if n not in ("frn", "evonorm-b0",
+                                                                  "evonorm-s0")])
+def test_third_party_networks_convert_to_every_target_and_train(network, target):
+    build, shape, source, count = NETWORKS[network]
+    model = build()
+    _randomise(model)
+    assert sum(type(m) is source for m in model.modules()) == count
+    momenta = [m.momentum for m in model.modules() if type(m) is source]
+    x = torch.randn(shape)
+    expected = model.eval()(x)
+    converted, replaced = convert(model, target, num_groups=4, report=True)
+    assert len(replaced) == count and not any(type(m) is source for m in converted.modules())
+    if target in BATCH_TARGETS:  # running statistics, eps and momentum carried over
+        torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
+        assert [m.momentum for m in converted.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)] == momenta
+    converted.train()
+    optimizer = torch.optim.SGD(converted.parameters(), lr=0.01)
+    out = converted(x)
+    loss = out.float().square().mean()
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in converted.parameters())
+
+
+@pytest.mark.parametrize("network", list(NETWORKS))
+@pytest.mark.parametrize("target", ["frn", "evonorm-b0", "evonorm-s0"])
+def test_norm_activation_targets_refuse_layers_without_a_relu_naming_them(network, target):
+    """MONAI's blocks end in PReLU and EfficientNet's in Swish, called from forward code:
+    FRN and EvoNorm replace a norm *and its ReLU*, so converting would silently drop or
+    double an activation. The error names every layer."""
+    build, _, source, count = NETWORKS[network]
+    model = build()
+    with pytest.raises(ValueError, match=f"cannot convert to '{target}'") as error:
+        convert(model, target)
+    assert str(error.value).count("replaces the norm and its activation") == count
+    assert sum(type(m) is source for m in model.modules()) == count  # untouched
+
+
+def _example(tmp_path: Path, norm: str, processes: int) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"{norm}-{processes}.safetensors"
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(processes)] if processes > 1 else [sys.executable])
+    proc = subprocess.Popen([*launch, str(EXAMPLE), "--norm", norm, "--steps", "4",
+                             "--batch", "3", "--side", "12", "--float64", "--out", str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    code, stdout, stderr = finish(proc)
+    assert code == 0, stdout + stderr
+    return load_file(out)
+
+
+def test_example_3d_unet_syncbatch_on_two_processes_equals_batchnorm_in_one(tmp_path):
+    """Four SGD steps of global batch 3 (2 + 1 volumes on the two ranks, so the weighting of
+    unequal parts counts), then PreciseBN: weights and running statistics agree to 1e-9 in
+    float64. Plain Batch Norm on two processes (each rank its own volumes) differs."""
+    two = _example(tmp_path, "syncbatch", 2)
+    one = _example(tmp_path, "batch", 1)
+    per_device = _example(tmp_path, "batch", 2)
+    assert two.keys() == one.keys() and two["model.0.conv.unit0.conv.weight"].dtype == \
+        torch.float64
+    running = [k for k in two if "running" in k]
+    assert running
+    for key in two:
+        if "num_batches" not in key:
+            torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-9, msg=key)
+    assert max((per_device[k] - one[k]).abs().max().item() for k in running) > 1e-3
