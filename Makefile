@@ -13,7 +13,7 @@ ARGS   ?=
 NORMLAB_DATA ?= $(if $(wildcard ../shared/data/mnist/t10k-labels-idx1-ubyte.gz),$(abspath ../shared/data/mnist))
 export NORMLAB_DATA
 
-.PHONY: demo test bench lint summary clean
+.PHONY: demo test bench lint summary docs docs-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e '.[dev]'
+	@touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PIP) -e '.[docs]'
 	@touch $@
 
 demo: $(VENV)/.installed  ## the full comparison: 3 variants x 20 epochs, then the report
@@ -40,8 +44,14 @@ test: $(VENV)/.installed-dev  ## lint, then the whole test suite
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest $(ARGS)
 
+docs: $(VENV)/.installed-docs  ## the documentation site into site/ (strict: any warning fails)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(VENV)/.installed-docs  ## the site at http://127.0.0.1:8000, rebuilt on edits
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis site

@@ -316,3 +316,21 @@ def test_report_redraws_sweep_and_statistics_folders_and_refuses_a_corrupt_recor
     (tmp_path / "sweep" / "sweep.json").write_text("{ half a record")
     code, line = cli_error(["report", str(tmp_path / "sweep")], capsys)
     assert code == 2 and "sweep.json is corrupt (JSONDecodeError" in line
+
+
+def test_report_draws_missing_misclassified_grids_again_from_the_record(mnist_dir, tmp_path,
+                                                                        monkeypatch):
+    """A copied folder without its misclassified figures gets them back, pixel for pixel,
+    from the record's indices and predictions and the test images."""
+    from matplotlib.image import imread
+
+    results = Path(__file__).resolve().parents[1] / "results" / "compare"
+    copy = tmp_path / "compare"
+    copy.mkdir()
+    for name in ("metrics.json", "curves.png"):
+        (copy / name).write_bytes((results / name).read_bytes())
+    monkeypatch.setenv("NORMLAB_DATA", str(mnist_dir))
+    assert main(["report", str(copy)]) == 0
+    for variant in ("bn+l1", "ln", "gn"):
+        drawn, committed = (imread(d / f"misclassified_{variant}.png") for d in (copy, results))
+        assert (drawn == committed).all(), variant

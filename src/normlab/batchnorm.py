@@ -171,7 +171,8 @@ class _BatchStatistics:
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
-                 virtual_batches: int = 1, sync: bool = False, process_group=None,
+                 virtual_batches: int = 1, sync: bool = False,
+                 process_group: dist.ProcessGroup | None = None,
                  fast: bool = False, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
@@ -304,24 +305,49 @@ class _AnyDimension:
 
 
 class BatchNorm(_BatchStatistics, _AnyDimension, nn.modules.batchnorm._BatchNorm):
-    """Batch Norm (``_BatchStatistics``) for inputs of any dimension (N, C, ...), like
-    ``nn.SyncBatchNorm``: what ``convert`` puts in place of a layer whose input dimension it
-    cannot know (``nn.SyncBatchNorm``, ``nn.GroupNorm``)."""
+    """Batch Norm with the arguments of ``BatchNorm2d`` for inputs of any dimension
+    (N, C, ...), like ``nn.SyncBatchNorm``: what ``convert`` puts in place of a layer whose
+    input dimension it cannot know (``nn.SyncBatchNorm``, ``nn.GroupNorm``)."""
 
 
 class BatchNorm1d(_BatchStatistics, nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` (inputs (N, C) or (N, C, L)) with virtual batches, synchronized
-    statistics and fast statistics (``_BatchStatistics``)."""
+    """``nn.BatchNorm1d`` (inputs (N, C) or (N, C, L)) with the arguments of
+    ``BatchNorm2d``: virtual batches, synchronized and fast statistics."""
 
 
 class BatchNorm2d(_BatchStatistics, nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` (inputs (N, C, H, W)) with virtual batches, synchronized statistics
-    and fast statistics (``_BatchStatistics``)."""
+    """``nn.BatchNorm2d`` (inputs (N, C, H, W)) whose training statistics may come from
+    parts of the batch or from every rank's batch; plain, it is PyTorch's own layer, with
+    its state_dict keys and running statistics.
+
+    Args:
+        num_features: channels, as for ``nn.BatchNorm2d``.
+        eps: added to the variance, as for ``nn.BatchNorm2d``.
+        momentum: of the running statistics (None: a cumulative average), as for
+            ``nn.BatchNorm2d``.
+        affine: learn a scale and shift per channel.
+        track_running_stats: keep running statistics for eval mode.
+        virtual_batches: split each training batch into this many parts (as
+            ``torch.tensor_split`` splits it over that many devices), each normalised with
+            its own statistics ("ghost batch norm"); the running statistics move towards the
+            parts' average, as averaging that many devices' would.
+        sync: normalise with the statistics of every rank's batch under
+            ``torch.distributed`` (gloo or nccl; unequal batches, even empty ones, weigh
+            exactly); in one process, plain Batch Norm.
+        process_group: the ranks to synchronize over (default: all).
+        fast: compute plain and virtual statistics with Group Norm's vectorised kernel on
+            float32 CPU maps of ``FAST_MIN_PIXELS`` or more (equal to PyTorch's within
+            float32 rounding, not bit for bit).
+
+    Example: ``BatchNorm2d(64, virtual_batches=4)`` normalises each quarter of a batch on
+    its own. ``BatchNorm1d``, ``BatchNorm3d`` and ``BatchNorm`` (any dimension) take the same
+    arguments.
+    """
 
 
 class BatchNorm3d(_BatchStatistics, nn.BatchNorm3d):
-    """``nn.BatchNorm3d`` (inputs (N, C, D, H, W)) with virtual batches, synchronized
-    statistics and fast statistics (``_BatchStatistics``)."""
+    """``nn.BatchNorm3d`` (inputs (N, C, D, H, W)) with the arguments of ``BatchNorm2d``:
+    virtual batches, synchronized and fast statistics."""
 
 
 class _BatchRenorm(_BatchStatistics):

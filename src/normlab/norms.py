@@ -86,9 +86,21 @@ def make_norm(norm: str, channels: int, num_groups: int = 4, virtual_batches: in
     """The normalization layer called ``norm`` for ``channels`` channels of a ``dims``-D map
     (1, 2 or 3; None: any). For the names in ``ACT_NORMS`` the layer is also the activation.
 
-    ``virtual_batches`` > 1 splits each training batch of a batch-dependent norm
-    (``VIRTUAL_BATCH_NORMS``) into that many parts with their own statistics; the norms
-    without batch statistics ignore it.
+    Args:
+        norm: one of ``NORMS``.
+        channels: the channels of the maps it normalises.
+        num_groups: groups for ``group`` and ``evonorm-s0``; must divide ``channels``.
+        virtual_batches: > 1 splits each training batch of a batch-dependent norm
+            (``VIRTUAL_BATCH_NORMS``) into that many parts with their own statistics; the
+            norms without batch statistics ignore it.
+        dims: 1, 2 or 3 for (N, C, L), (N, C, H, W), (N, C, D, H, W) inputs, None for any.
+
+    Returns:
+        The layer, e.g. ``BatchNorm2d(channels)`` for ``make_norm("batch", channels)``.
+
+    Raises:
+        ValueError: an unknown name, groups that do not divide the channels, virtual batches
+            with ``syncbatch``, or FRN/EvoNorm for other than 2-D maps.
     """
     check_norm(norm)
     if norm in ("group", "evonorm-s0") and (num_groups <= 0 or channels % num_groups):
@@ -136,8 +148,22 @@ def convert(model: nn.Module, norm: str, num_groups: int = 4, virtual_batches: i
     Raises ValueError, naming every such layer and why, for a normalization it cannot convert
     (``nn.LayerNorm`` over the last dimension, a target not defined there, groups that do not
     divide a layer's channels) unless its type is in ``skip``, and for a model with no
-    normalization layer at all. With ``report=True`` it returns ``(model, changes)``, where
-    ``changes`` maps each replaced layer's name to "old -> new".
+    normalization layer at all.
+
+    Args:
+        model: any ``nn.Module``; converted in place (a norm at its root is replaced).
+        norm: the target, one of ``NORMS``.
+        num_groups: groups for ``group`` and ``evonorm-s0``.
+        virtual_batches: parts per training batch for the batch-dependent targets.
+        skip: normalization types to leave as they are instead of refusing them.
+        report: also return what was replaced.
+
+    Returns:
+        The model, or with ``report=True`` ``(model, changes)``, where ``changes`` maps each
+        replaced layer's name to "old -> new".
+
+    Raises:
+        ValueError: naming every layer that cannot be converted, and why.
 
     Example: ``convert(unet3d, "syncbatch")`` before ``DistributedDataParallel(unet3d)``.
     """
@@ -340,7 +366,19 @@ def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor | tuple | list],
     batch, e.g. the grouping the model trained with;
     by default over the whole batch, the population statistics. Under torch.distributed
     every rank calls it with its own batches, and the averages are taken over all ranks'.
-    Returns the number of batches used.
+
+    Args:
+        model: any model with Batch Norm (or Batch Renorm, EvoNorm-B0) layers.
+        batches: its inputs, or tuples whose first element is the input.
+        images: stop after this many images, in whole batches (default: all batches).
+        images_per_statistic: compute each statistic over this many images of a batch.
+
+    Returns:
+        The number of statistics averaged (batches, or groups of images per statistic where
+        the layers cannot cut a batch themselves).
+
+    Raises:
+        ValueError: a model without running statistics, or fewer images than one batch.
 
     Example: ``precise_bn(model, (x for x, _ in train_loader), images=10_000)``.
     """

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, save_model
-from ..data import Data, load_data, make_loaders
-from ..engine import DEFAULTS, STUDY_VARIANTS, VARIANTS, misclassified
+from ..data import Data, DataError, load_data, make_loaders
+from ..engine import DEFAULTS, STUDY_VARIANTS, VARIANTS, Misclassified, misclassified
 from ..model import Net, count_parameters
 from ..options import add_model_options, add_run_options, positive_float, positive_int
 from ..plots import plot_curves, plot_misclassified
@@ -145,6 +145,7 @@ class Compare(Experiment):
         plot_curves({f"{v['label']} ({name})": [r["history"] for r in good_runs(v)]
                      for name, v in record["variants"].items() if good_runs(v)},
                     out / "curves.png", split=split)
+        _redraw_misclassified(out, record)
         atomic_write(out / "report.md", render_report(record))
         accs = final_accuracies(record)
         print(f"\n{'variant':8s} {'params':>7s} {'seeds':>5s} {'final ' + split + ' acc':>19s} "
@@ -160,6 +161,33 @@ class Compare(Experiment):
 
     def exit_code(self, record: dict[str, Any]) -> int:
         return 1 if any(failed_runs(v) for v in record["variants"].values()) else 0
+
+
+def _redraw_misclassified(out: Path, record: dict[str, Any]) -> None:
+    """The first seed's misclassified grids that the folder lacks (a copied folder, say),
+    drawn again from the record's indices, predictions and confidences and the evaluation
+    images, when those can be read without a download."""
+    missing = {name: v for name, v in record["variants"].items()
+               if good_runs(v) and not (out / f"misclassified_{name}.png").exists()
+               and "misclassified" in good_runs(v)[0]}
+    if not missing:
+        return
+    cfg = record["config"]
+    try:
+        data = load_data(None, cfg["dataset"], holdout=cfg.get("holdout"),
+                         download_missing=False)
+    except (DataError, ValueError) as exc:
+        print(f"normlab report: {', '.join(f'misclassified_{n}.png' for n in missing)} not "
+              f"drawn: the {cfg['dataset']} images are not here ({exc})")
+        return
+    split = cfg.get("eval_split", "test")
+    for name, v in missing.items():
+        run, wrong = good_runs(v)[0], good_runs(v)[0]["misclassified"]
+        mis = Misclassified(data.test_images[torch.tensor(wrong["index"], dtype=torch.long)],
+                            wrong["predicted"], wrong["target"], wrong["confidence"],
+                            wrong["index"])
+        plot_misclassified(mis, f"{v['label']} ({name}, seed {run['seed']})",
+                           data.spec.classes, out / f"misclassified_{name}.png", split=split)
 
 
 def render_report(metrics: dict[str, Any]) -> str:

@@ -242,7 +242,7 @@ def figure(record: dict[str, Any], path: Path | None = None) -> Figure:
     references = {f"{_label(v)}, any grouping": list(e.values())
                   for v, e in reference_errors(record).items()}
     fig = Figure(figsize=(13, 6.8), layout="constrained")
-    train_ax, test_ax = fig.subplots(1, 2, sharey=True)
+    train_ax, test_ax = fig.subplots(1, 2)  # own scales: the right one reaches far higher
     xlabel = "images per statistic (log scale)"
     draw_errors(train_ax, {_label(line): _seeds(by) for line, by in lines.items()
                            if " " not in line}, xlabel,

@@ -1,0 +1,79 @@
+"""What the documentation site takes from the repository at build time, so it cannot drift:
+
+* the executed notebook, as the tutorial page (``notebooks/normalization_study.ipynb``, not
+  re-executed);
+* every committed result figure and record, at the same paths under ``results/`` and
+  ``benchmarks/results/`` (the pages link to them as ``../results/...``, as the repository
+  holds them, and are rewritten to the copies);
+* ``<!-- report: results/NAME -->``: that folder's report.md, rendered from its record by
+  normlab itself, with its figure links pointing at the copies above;
+* ``<!-- cli-reference -->``: the ``--help`` of every ``normlab`` command, from its parser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from pathlib import Path
+
+from mkdocs.plugins import event_priority
+from mkdocs.structure.files import File, Files
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = re.compile(r"<!-- report: (\S+) -->")
+NOTEBOOK = ROOT / "notebooks" / "normalization_study.ipynb"
+
+
+@event_priority(100)  # before mkdocs-jupyter looks for notebooks
+def on_files(files: Files, config) -> Files:
+    # A file of its own folder (not a generated one), which mkdocs-jupyter can re-read.
+    files.append(File(NOTEBOOK.name, src_dir=str(NOTEBOOK.parent), dest_dir=config["site_dir"],
+                      use_directory_urls=config["use_directory_urls"]))
+    for folder in ("results", "benchmarks/results"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix in (".png", ".json"):
+                files.append(File.generated(config, str(path.relative_to(ROOT)),
+                                            abs_src_path=str(path)))
+    return files
+
+
+def on_page_markdown(markdown: str, page, config, files: Files) -> str:
+    depth = page.file.src_uri.count("/")
+    # The pages link to results as the repository holds them (../results/... from docs/),
+    # so that they also read right on GitHub; in the site those files sit inside it.
+    markdown = re.sub(r"\]\(" + re.escape("../" * (depth + 1)) + r"(results/|benchmarks/results/)",
+                      lambda m: "](" + "../" * depth + m.group(1), markdown)
+    markdown = REPORT.sub(lambda m: _report(m.group(1), "../" * depth), markdown)
+    if "<!-- cli-reference -->" in markdown:
+        markdown = markdown.replace("<!-- cli-reference -->", _cli_reference())
+    return markdown
+
+
+def _report(folder: str, up: str) -> str:
+    """``folder``'s report.md without its title, its headings one level down, and its links
+    to files beside it pointing at their copies in the site."""
+    text = (ROOT / folder / "report.md").read_text()
+    lines = text.splitlines()[1:]  # the page has its own title
+    text = "\n".join("#" + line if line.startswith("#") else line for line in lines)
+    return re.sub(r"\]\((?!https?:|#)([^)]+)\)", lambda m: f"]({up}{folder}/{m.group(1)})", text)
+
+
+def _cli_reference() -> str:
+    from normlab.cli import build_parser
+
+    os.environ["COLUMNS"] = "100"  # argparse wraps help to the terminal: a fixed width
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    parts = ["```text", _help(parser), "```", ""]
+    for name, sub in commands.items():
+        parts += [f"## normlab {name}", "", "```text", _help(sub), "```", ""]
+    return "\n".join(parts)
+
+
+def _help(parser) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        parser.print_help()
+    return out.getvalue().rstrip()
