@@ -41,7 +41,7 @@ summary: $(VENV)/.installed
 	$(BIN)/normlab summary
 
 test: $(VENV)/.installed-dev  ## lint, then the whole test suite
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/pytest $(ARGS)
 
 docs: $(VENV)/.installed-docs  ## the documentation site into site/ (strict: any warning fails)
@@ -51,7 +51,7 @@ docs-serve: $(VENV)/.installed-docs  ## the site at http://127.0.0.1:8000, rebui
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis site

@@ -317,7 +317,7 @@ def test_two_machines_on_localhost_write_one_report(tmp_path):
 
 
 def test_killed_rank_stops_every_rank_and_resume_equals_uninterrupted(tmp_path):
-    env = _env(tmp_path, NORMLAB_TEST_TRAIN="3000")
+    env = _env(tmp_path, NORMLAB_TEST_TRAIN="1600")
     args = ["compare", "--variants", "gn", "bn", "--epochs", "3", "--batch-size", "32",
             "--no-progress"]
     whole, out = tmp_path / "whole", tmp_path / "killed"

@@ -5,16 +5,23 @@ runs that compute the same thing, its torchrun part, its resume, the measurement
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import cli_error
+from conftest import TIMEOUT, cli_error
 from normlab.checkpoint import read_weights
 from normlab.cli import main
+from normlab.experiments import statistics
 from normlab.experiments.statistics import plot_statistics, plot_statistics_seen
 from normlab.norms import BatchNorm2d, statistics_seen
+
+DRIVER = Path(__file__).resolve().parent / "dist_driver.py"
 
 GRID = ["--images-per-statistic", "2", "16", "--batch-size", "16", "--limit-train", "256",
         "--epochs", "1", "--device", "cpu", "--no-progress"]
@@ -25,10 +32,27 @@ def _final_test_acc(out):
     return metrics["variants"]["bn"]["runs"][0]["history"]["test_acc"][-1]
 
 
-def test_statistics_study_end_to_end_with_its_torchrun_part_and_resume(mnist_dir, tmp_path,
-                                                                       capsys):
+def _torchrun_on_the_tiny_data(folder: Path):
+    """launch_torchrun for the tiny dataset: torchrun starts tests/dist_driver.py, which
+    writes the same synthetic data on each rank and runs the real CLI."""
+    def launch(processes: int, argv: list[str]) -> int:
+        env = {**os.environ, "NORMLAB_TEST_DATA": str(folder), "NORMLAB_TEST_TRAIN": "256",
+               "NORMLAB_TEST_TEST": "128", "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(processes), str(DRIVER), *argv]
+        return subprocess.run(command, env=env, timeout=TIMEOUT).returncode
+    return launch
+
+
+def test_statistics_study_end_to_end_with_its_torchrun_part_and_resume(tiny_mnist, tmp_path,
+                                                                       capsys, monkeypatch):
+    """On the tiny synthetic data (its torchrun part too), so that the study's every step
+    runs in seconds."""
+    _, folder = tiny_mnist
+    monkeypatch.setattr(statistics, "launch_torchrun",
+                        _torchrun_on_the_tiny_data(tmp_path / "ranks"))
     out = tmp_path / "stats"
-    data = ["--data-dir", str(mnist_dir)]
+    data = ["--data-dir", str(folder)]
     assert main(["statistics", *GRID, "--seeds", "1", "2", *data, "--out", str(out)]) == 0
     record = json.loads((out / "statistics.json").read_text())
     runs = record["runs"]
@@ -108,15 +132,16 @@ def test_statistics_refuses_to_run_under_torchrun(capsys, monkeypatch, tmp_path)
     assert code == 2 and "run normlab statistics as one process" in line
 
 
-def test_a_failed_torchrun_part_is_one_line_and_keeps_the_finished_runs(mnist_dir, tmp_path,
+def test_a_failed_torchrun_part_is_one_line_and_keeps_the_finished_runs(tiny_mnist, tmp_path,
                                                                         capsys, monkeypatch):
     import normlab.runner
 
+    _, folder = tiny_mnist
     monkeypatch.setattr(normlab.runner.sys, "executable", "/bin/false")  # the launch fails
     out = tmp_path / "stats"
     code, line = cli_error(["statistics", "--images-per-statistic", "16", "--batch-size", "16",
                             "--limit-train", "64", "--epochs", "1", "--seeds", "1",
-                            "--device", "cpu", "--no-progress", "--data-dir", str(mnist_dir),
+                            "--device", "cpu", "--no-progress", "--data-dir", str(folder),
                             "--out", str(out)], capsys)
     assert code == 1
     assert f"the 2-process part (torchrun, in {out / 'two-processes'}) failed with exit code 1" \
