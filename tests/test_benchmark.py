@@ -125,6 +125,21 @@ def test_fast_batchnorm_benchmark_times_the_layer_and_whole_steps(mnist_dir, tmp
                                               / r["fast_ms_per_step"][0], rel=5e-3)
 
 
+def test_remedy_layers_times_every_variant_beside_group_norm(mnist_dir, tmp_path, monkeypatch):
+    out = tmp_path / "remedies.json"
+    _run_script(monkeypatch, "remedy_layers", "--rounds", "2", "--steps", "2", "--variants",
+                "frn", "brn@2", "--data-dir", str(mnist_dir), "--out", str(out))
+    record = json.loads(out.read_text())
+    assert list(record["variants"]) == ["gn", "frn", "brn@2"]  # the reference first
+    assert record["variants"]["gn"]["over_gn"] == 1.0
+    for r in record["variants"].values():  # a ratio is the median of per-round ratios
+        assert len(r["ms_per_step"]) == 2 and all(t > 0 for t in r["ms_per_step"])
+    frn, gn = record["variants"]["frn"]["ms_per_step"], record["variants"]["gn"]["ms_per_step"]
+    assert record["variants"]["frn"]["over_gn"] == pytest.approx(
+        (frn[0] / gn[0] + frn[1] / gn[1]) / 2, abs=1e-3)
+    assert record["git_revision"] and record["threads"] == 1
+
+
 needs_git = pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / ".git").exists(),
                                reason="needs the git checkout")
 

@@ -149,13 +149,15 @@ def plot_errors(lines: Mapping[str, Mapping[int, Sequence[float]]], xlabel: str,
 def draw_errors(ax, lines: Mapping[str, Mapping[int, Sequence[float]]], xlabel: str, title: str,
                 references: Mapping[str, Sequence[float]] | None = None,
                 points: Sequence[tuple[str, int, Sequence[float]]] = (),
-                styles: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                styles: Mapping[str, Mapping[str, Any]] | None = None,
+                reference_alpha: float = 0.12) -> None:
     """Onto ``ax``: each of ``lines`` (label -> size -> errors over seeds) as its mean with a
     min–max band over seeds; each of ``references`` (label -> errors over seeds), which do
     not depend on the size, as a flat dashed line with its band; and ``points`` (label,
     size, errors), e.g. multi-process runs, as separate markers with min–max bars; on
     ``error_axes``. ``styles`` (label -> matplotlib line keywords) may give a line a colour
-    and line style of its own; the references' colours follow the lines' distinct ones."""
+    and line style of its own; the references' colours follow the lines' distinct ones.
+    ``reference_alpha``: the references' bands' opacity (lower where many overlap)."""
     styles = styles or {}
     colours = []
     for i, (label, by_size) in enumerate(lines.items()):
@@ -171,7 +173,7 @@ def draw_errors(ax, lines: Mapping[str, Mapping[int, Sequence[float]]], xlabel: 
     for i, (label, errors) in enumerate(references.items(), len(set(colours))):
         e = np.asarray(errors, dtype=float)
         ax.axhline(e.mean(), color=f"C{i % 10}", linestyle="--", label=label)
-        ax.axhspan(e.min(), e.max(), color=f"C{i % 10}", alpha=0.12, linewidth=0)
+        ax.axhspan(e.min(), e.max(), color=f"C{i % 10}", alpha=reference_alpha, linewidth=0)
     first = len(set(colours)) + len(references)  # the points' colours follow the lines'
     for i, (label, x, errors) in enumerate(points):
         e = np.asarray(errors, dtype=float)

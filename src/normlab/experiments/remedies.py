@@ -246,7 +246,8 @@ def figure(record: dict[str, Any], path: Path | None = None) -> Figure:
     xlabel = "images per statistic (log scale)"
     draw_errors(train_ax, {_label(line): _seeds(by) for line, by in lines.items()
                            if " " not in line}, xlabel,
-                "Remedies in training (references: flat bands)", references)
+                "Remedies in training (references: flat bands)", references,
+                reference_alpha=0.05)  # six bands overlap
     bn = {line: by for line, by in lines.items() if line.partition(" ")[0] == "bn"}
     styles = {_label(line): dict(color=f"C{i}", linestyle="-" if i == 0 else "--")
               for i, line in enumerate(bn)}
