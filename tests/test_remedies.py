@@ -64,6 +64,7 @@ def test_remedies_study_end_to_end(tiny_mnist, tmp_path, capsys):
     assert (out / "remedies.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "precise" in printed and "report: " in printed
+    assert "normlab remedies: bn brn over 2 16 images per statistic and gn x 2 seed(s)" in printed
 
 
 @pytest.mark.parametrize("args, message", [

@@ -163,3 +163,10 @@ def test_fashion_class_names_caption_the_misclassified_grid():
     titles = [ax.get_title() for ax in fig.get_axes()[:2]]
     assert titles[0].startswith("predicted Ankle boot (90%)\ntrue Sandal")
     assert titles[1].startswith("predicted T-shirt/top (60%)\ntrue Shirt")
+
+
+def test_a_start_line_names_the_references_only_when_there_are_some():
+    from normlab.experiments.sweep import and_references
+
+    assert and_references(["gn", "ln"]) == " and gn ln"
+    assert and_references([]) == ""

@@ -37,7 +37,7 @@ from ..runner import UsageError
 from ..stats import paired_difference
 from .base import Run, Settings
 from .statistics import GN_PAPER, STATISTICS_EPOCHS
-from .sweep import Sweep
+from .sweep import Sweep, and_references
 
 SWEPT = ("bn", "brn", "evob0")  # depend on the batch: trained at every size
 REFERENCES = ("gn", "gn+ws", "ln", "ln+ws", "frn", "evos0")  # do not: once per seed
@@ -180,9 +180,9 @@ class Remedies(Sweep):
     def announce(self, data: Data, device: torch.device, verb: str, out: Path) -> str:
         a = self.args
         return (f"normlab remedies: {' '.join(self.swept())} over "
-                f"{' '.join(map(str, a.images_per_statistic))} images per statistic and "
-                f"{' '.join(a.references)} x {len(a.seeds)} seed(s) = {len(self.runs())} runs "
-                f"of {a.epochs} epoch(s), global batch {a.batch_size}, on "
+                f"{' '.join(map(str, a.images_per_statistic))} images per statistic"
+                f"{and_references(a.references)} x {len(a.seeds)} seed(s) = "
+                f"{len(self.runs())} runs of {a.epochs} epoch(s), global batch {a.batch_size}, on "
                 f"{len(data.train_labels):,} {a.dataset} images, device {device}; {verb} {out}")
 
     def summary(self, result: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ from ..plots import plot_errors, save_figure, with_note
 from ..report import cell, good_runs, provenance_lines, time_line
 from ..runner import UsageError, WorkerDied, launch_torchrun
 from .base import Run, Settings
-from .sweep import DEFAULT_BATCH_SIZES, Sweep
+from .sweep import DEFAULT_BATCH_SIZES, Sweep, and_references
 
 # Epochs per run: chosen so that the study's 33 runs (27 in one process, 6 on two) fit in
 # about 45 minutes on the project's 2-core machine with --jobs 2; the time taken and the
@@ -162,7 +162,7 @@ class Statistics(Sweep):
         two = (f", then sbn and bn on {a.processes} processes (torchrun)"
                if a.processes > 1 else "")
         return (f"normlab statistics: Batch Norm over {' '.join(map(str, a.images_per_statistic))} "
-                f"images per statistic and {' '.join(self.references)} x {len(a.seeds)} "
+                f"images per statistic{and_references(self.references)} x {len(a.seeds)} "
                 f"seed(s) = {total} runs of {a.epochs} epoch(s), global batch {a.batch_size}, "
                 f"on {len(data.train_labels):,} {a.dataset} images, device {device}{two}; "
                 f"{verb} {out}")

@@ -55,6 +55,11 @@ def scaled_lr(lr: float, batch_size: int) -> float:
     return lr * batch_size / REFERENCE_BATCH
 
 
+def and_references(names: Sequence[str]) -> str:
+    """" and gn ln" for a start-of-study line, or nothing when there are no references."""
+    return f" and {' '.join(names)}" if names else ""
+
+
 def run_key(variant: str, batch_size: int, seed: int) -> str:
     return f"{variant}/bs{batch_size}/seed{seed}"
 
