@@ -26,17 +26,17 @@ from matplotlib.figure import Figure
 
 from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, save_model
 from ..data import Data, load_data
-from ..engine import DEFAULTS, VARIANTS
+from ..engine import VARIANTS
 from ..evaluate import DEFAULT_PRECISE_IMAGES, Trained, evaluate_model
 from ..model import Net
 from ..norms import BATCH_NORMS
-from ..options import add_run_options, positive_float, positive_int
+from ..options import add_run_options, positive_int
 from ..plots import draw_errors, with_note
 from ..report import cell, provenance_lines, time_line
 from ..runner import UsageError
 from ..stats import paired_difference
 from .base import Run, Settings
-from .statistics import GN_PAPER, STATISTICS_EPOCHS
+from .statistics import GN_PAPER, add_protocol_options, check_protocol, protocol_runs
 from .sweep import Sweep, and_references
 
 SWEPT = ("bn", "brn", "evob0")  # depend on the batch: trained at every size
@@ -90,32 +90,16 @@ class Remedies(Sweep):
         p.add_argument("--images-per-statistic", type=positive_int, nargs="+", metavar="B",
                        default=list(SIZES), help="each must divide --batch-size (default: "
                        "%(default)s)")
-        p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="SEED")
-        p.add_argument("--epochs", type=positive_int, default=STATISTICS_EPOCHS,
-                       help="epochs per run (default: %(default)s, as the statistics study)")
-        p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
-                       help="the global batch, the same for every run (default: %(default)s)")
-        p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
-                       help="peak learning rate of the one-cycle schedule (default: "
-                       "%(default)s)")
-        p.add_argument("--num-groups", type=positive_int, default=DEFAULTS["num_groups"],
-                       help="groups for Group Norm and EvoNorm-S0 (default: 4)")
+        add_protocol_options(p, groups="Group Norm and EvoNorm-S0",
+                             epochs_note=", as the statistics study")
         p.add_argument("--precise-images", type=positive_int, metavar="N",
                        default=DEFAULT_PRECISE_IMAGES, help="training images PreciseBN "
                        "recomputes the statistics over (default: %(default)s)")
-        p.add_argument("--limit-train", type=positive_int, metavar="N",
-                       help="train on the first N training images only (quick runs)")
         add_run_options(p)
 
     def check(self) -> None:
         a = self.args
-        if a.virtual_batch_size is not None:
-            raise UsageError("normlab remedies sets the images per statistic itself: use "
-                             "--images-per-statistic instead of --virtual-batch-size")
-        for ips in a.images_per_statistic:
-            if a.batch_size % ips:
-                raise UsageError(f"--images-per-statistic {ips} does not divide --batch-size "
-                                 f"{a.batch_size}; choose divisors of the batch")
+        check_protocol(a, "remedies")
         if a.precise_images < a.batch_size:
             raise UsageError(f"--precise-images {a.precise_images} is below one batch of "
                              f"{a.batch_size} images; give at least {a.batch_size}")
@@ -125,17 +109,7 @@ class Remedies(Sweep):
         return [v for v in self.args.variants if v not in self.args.references]
 
     def runs(self) -> list[Run]:
-        a = self.args
-        runs = []
-        for seed in a.seeds:
-            for variant in self.swept():
-                runs += [Run(variant, seed, a.batch_size, a.lr, f"{variant}/ips{ips}/seed{seed}",
-                             f"{variant} {ips}/statistic",
-                             virtual_batch_size=ips if ips < a.batch_size else None)
-                         for ips in a.images_per_statistic]
-            runs += [Run(v, seed, a.batch_size, a.lr, f"{v}/seed{seed}", v)
-                     for v in a.references]
-        return runs
+        return protocol_runs(self.args, self.swept(), self.args.references)
 
     def load(self) -> Data:
         a = self.args

@@ -47,6 +47,49 @@ TWO_PROCESS_VARIANTS = ("sbn", "bn")
 STATISTICS_BATCHES = 300  # "a few hundred training batches" for the statistics figure
 
 
+
+def add_protocol_options(p: argparse.ArgumentParser, groups: str = "Group Norm",
+                         epochs_note: str = "") -> None:
+    """The per-device protocol's options (seeds, epochs, the global batch, the learning rate,
+    the groups), shared with the remedies study, which runs the same protocol."""
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="SEED")
+    p.add_argument("--epochs", type=positive_int, default=STATISTICS_EPOCHS,
+                   help=f"epochs per run (default: %(default)s{epochs_note})")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
+                   help="the global batch, the same for every run (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
+                   help="peak learning rate of the one-cycle schedule (default: %(default)s)")
+    p.add_argument("--num-groups", type=positive_int, default=DEFAULTS["num_groups"],
+                   help=f"groups for {groups} (default: %(default)s)")
+    p.add_argument("--limit-train", type=positive_int, metavar="N",
+                   help="train on the first N training images only (quick runs)")
+
+
+def protocol_runs(a: argparse.Namespace, swept: Sequence[str],
+                  references: Sequence[str]) -> list[Run]:
+    """Seed by seed: each swept variant at every number of images per statistic (virtual
+    batches of that size, none at the whole batch), then each reference once."""
+    runs = []
+    for seed in a.seeds:
+        for variant in swept:
+            runs += [Run(variant, seed, a.batch_size, a.lr, f"{variant}/ips{ips}/seed{seed}",
+                         f"{variant} {ips}/statistic",
+                         virtual_batch_size=ips if ips < a.batch_size else None)
+                     for ips in a.images_per_statistic]
+        runs += [Run(v, seed, a.batch_size, a.lr, f"{v}/seed{seed}", v) for v in references]
+    return runs
+
+
+def check_protocol(a: argparse.Namespace, command: str) -> None:
+    """The refusals both studies of the per-device protocol share, in one line each."""
+    if a.virtual_batch_size is not None:
+        raise UsageError(f"normlab {command} sets the images per statistic itself: use "
+                         "--images-per-statistic instead of --virtual-batch-size")
+    for ips in a.images_per_statistic:
+        if a.batch_size % ips:
+            raise UsageError(f"--images-per-statistic {ips} does not divide --batch-size "
+                             f"{a.batch_size}; choose divisors of the batch")
+
 class Statistics(Sweep):
     """The per-device statistics study: one optimiser setting (global batch, learning rate,
     schedule, steps, data order), and Batch Norm's statistics computed over 2 ... 128 of the
@@ -74,28 +117,15 @@ class Statistics(Sweep):
                        default=list(DEFAULT_BATCH_SIZES),
                        help="Batch Norm's statistic sizes; each must divide --batch-size "
                        "(default: %(default)s)")
-        p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="SEED")
-        p.add_argument("--epochs", type=positive_int, default=STATISTICS_EPOCHS,
-                       help="epochs per run (default: %(default)s)")
-        p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
-                       help="the global batch, the same for every run (default: %(default)s)")
-        p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
-                       help="peak learning rate of the one-cycle schedule (default: "
-                       "%(default)s)")
-        p.add_argument("--num-groups", type=positive_int, default=DEFAULTS["num_groups"],
-                       help="groups for Group Norm (default: 4)")
+        add_protocol_options(p)
         p.add_argument("--processes", type=positive_int, default=2, metavar="P",
                        help="train sbn and bn data-parallel on P processes with torchrun after "
                        "the one-process runs; 1 skips that part (default: %(default)s)")
-        p.add_argument("--limit-train", type=positive_int, metavar="N",
-                       help="train on the first N training images only (quick runs)")
         add_run_options(p)
 
     def check(self) -> None:
         a = self.args
-        if a.virtual_batch_size is not None:
-            raise UsageError("normlab statistics sets the images per statistic itself: use "
-                             "--images-per-statistic instead of --virtual-batch-size")
+        check_protocol(a, "statistics")
         try:
             under_torchrun = distributed.from_env().distributed
         except ValueError:  # a broken torchrun environment is still not one process
@@ -103,26 +133,13 @@ class Statistics(Sweep):
         if under_torchrun:
             raise UsageError("run normlab statistics as one process: it starts its "
                              "multi-process part with torchrun itself (--processes)")
-        for ips in a.images_per_statistic:
-            if a.batch_size % ips:
-                raise UsageError(f"--images-per-statistic {ips} does not divide --batch-size "
-                                 f"{a.batch_size}; choose divisors of the batch")
         if a.processes > 1 and a.batch_size % a.processes:
             raise UsageError(f"--processes {a.processes} does not divide --batch-size "
                              f"{a.batch_size}")
         a.variants = ["bn", *self.references]
 
     def runs(self) -> list[Run]:
-        a = self.args
-        runs = []
-        for seed in a.seeds:
-            for ips in a.images_per_statistic:
-                runs.append(Run("bn", seed, a.batch_size, a.lr, f"bn/ips{ips}/seed{seed}",
-                                f"bn {ips}/statistic",
-                                virtual_batch_size=ips if ips < a.batch_size else None))
-            runs += [Run(v, seed, a.batch_size, a.lr, f"{v}/seed{seed}", v)
-                     for v in self.references]
-        return runs
+        return protocol_runs(self.args, ["bn"], self.references)
 
     def load(self) -> Data:
         a = self.args
