@@ -1,7 +1,8 @@
 """CUDA-only checks, skipped where there is no GPU (CI); run them on a GPU machine.
 
 The CUDA-graph training path must train exactly what the eager path trains, and the
-GPU's whole-epoch data preparation must give the CPU's batches.
+GPU's whole-epoch data preparation must give the CPU's batches, and each small-batch remedy
+layer must compute on the GPU what it computes on the CPU.
 """
 
 import pytest
@@ -62,3 +63,48 @@ def test_gpu_epoch_preparation_matches_cpu_batches(tiny_mnist):
         for (x, y), (gx, gy) in zip(cpu, gpu, strict=True):
             assert torch.equal(gy.cpu(), y)
             torch.testing.assert_close(gx.cpu(), x, rtol=0, atol=1e-4)
+
+
+def _remedy_layers():
+    from normlab.batchnorm import BatchRenorm2d
+    from normlab.normact import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNorm2d, StdConv2d
+
+    renorm = BatchRenorm2d(8, virtual_batches=2)
+    renorm.r_max, renorm.d_max = 1.5, 0.5  # clipping active
+    return {"brn": renorm, "frn": FilterResponseNorm2d(8),
+            "evob0": EvoNorm2dB0(8, virtual_batches=2), "evos0": EvoNorm2dS0(8, 4),
+            "ws": StdConv2d(8, 8, 3)}
+
+
+def remedy_layer_on(device: str, name: str, atol: float = 1e-4) -> None:
+    """One training step and one eval forward of ``name`` on ``device`` equal the same layer
+    on the CPU (outputs, input and parameter gradients, buffers) to ``atol``."""
+    torch.manual_seed(0)
+    cpu = _remedy_layers()[name]
+    with torch.no_grad():
+        for p in cpu.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        for b in cpu.buffers():
+            if b.is_floating_point():
+                b.add_(torch.rand_like(b) * 0.5)
+    other = {k: v.clone() for k, v in cpu.state_dict().items()}
+    gpu = _remedy_layers()[name].to(device)
+    gpu.load_state_dict(other)
+    x = torch.randn(8, 8, 6, 6) * 2 + 0.5
+    xs = [x.clone().requires_grad_(), x.to(device).requires_grad_()]
+    for layer, xi in zip((cpu, gpu), xs, strict=True):
+        layer.train()
+        (layer(xi) ** 2).sum().backward()
+    for a, b in zip(cpu.parameters(), gpu.parameters(), strict=True):
+        torch.testing.assert_close(b.grad.cpu(), a.grad, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(xs[1].grad.cpu(), xs[0].grad, atol=atol, rtol=1e-4)
+    for (k, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values(), strict=True):
+        torch.testing.assert_close(b.cpu(), a, atol=atol, rtol=1e-4, msg=k)
+    cpu.eval(), gpu.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(x.to(device)).cpu(), cpu(x), atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["brn", "frn", "evob0", "evos0", "ws"])
+def test_remedy_layers_on_cuda_equal_the_cpu(name):
+    remedy_layer_on("cuda", name)
