@@ -92,6 +92,10 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, args.out)
         print(f"wrote {args.out}")
     if world > 1:
+        # every rank done (rank 0 has written its file) before the connections close: a rank
+        # that tears gloo down while another still uses it can abort ("terminate called
+        # without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
