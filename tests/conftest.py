@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from normlab.data import IMAGE_MAGIC, LABEL_MAGIC, DatasetSpec
 
 REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "tests" / "dist_driver.py"  # the real CLI on synthetic data (NORMLAB_TEST_*)
 
 
 def idx_bytes(tensor: torch.Tensor, magic: int) -> bytes:
@@ -142,6 +144,20 @@ def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str, 
         out, err = proc.communicate()
         pytest.fail(f"run did not finish in {timeout} s:\n{out}\n{err}")
     return proc.returncode, out, err
+
+
+def launch(args: list[str], env: dict[str, str], nproc: int = 0, cwd: Path | None = None,
+           torchrun: list[str] | None = None) -> subprocess.Popen:
+    """Start tests/dist_driver.py: plainly (nproc 0) or under torchrun with nproc processes,
+    in a session of its own so that ``finish`` can kill all of it."""
+    if nproc:
+        command = [sys.executable, "-m", "torch.distributed.run",
+                   *(torchrun or ["--standalone"]), "--nproc-per-node", str(nproc), str(DRIVER)]
+    else:
+        command = [sys.executable, str(DRIVER)]
+    return subprocess.Popen(command + args, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:

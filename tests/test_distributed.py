@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -27,14 +26,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import TIMEOUT, cli_error, default_sigint, finish, free_port, wait_for
+from conftest import TIMEOUT, cli_error, finish, free_port, launch, wait_for
 from normlab import distributed, runner
 from normlab.checkpoint import read_weights
 from normlab.engine import check_split
 from normlab.norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm2d, make_norm
 
 TESTS = Path(__file__).resolve().parent
-DRIVER = TESTS / "dist_driver.py"
 CLOSE = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -219,19 +217,6 @@ def test_impossible_layer_combinations_are_refused():
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "NORMLAB_TEST_DATA": str(tmp_path / "data"), "OMP_NUM_THREADS": "1",
             distributed.TIMEOUT_ENV: "60", "PYTHONUNBUFFERED": "1", **extra}
-
-
-def launch(args: list[str], env: dict[str, str], nproc: int = 0, cwd: Path | None = None,
-           torchrun: list[str] | None = None) -> subprocess.Popen:
-    """Start the driver: plainly (nproc 0) or under torchrun with nproc processes."""
-    if nproc:
-        command = [sys.executable, "-m", "torch.distributed.run",
-                   *(torchrun or ["--standalone"]), "--nproc-per-node", str(nproc), str(DRIVER)]
-    else:
-        command = [sys.executable, str(DRIVER)]
-    return subprocess.Popen(command + args, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=default_sigint)
 
 
 def run(args: list[str], env: dict[str, str], nproc: int = 0, **kw) -> tuple[str, str]:

@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import TIMEOUT, cli_error
+from conftest import cli_error, finish, launch
 from normlab.checkpoint import read_weights
 from normlab.cli import main
 from normlab.experiments import statistics
 from normlab.experiments.statistics import plot_statistics, plot_statistics_seen
 from normlab.norms import BatchNorm2d, statistics_seen
-
-DRIVER = Path(__file__).resolve().parent / "dist_driver.py"
 
 GRID = ["--images-per-statistic", "2", "16", "--batch-size", "16", "--limit-train", "256",
         "--epochs", "1", "--device", "cpu", "--no-progress"]
@@ -35,13 +31,11 @@ def _final_test_acc(out):
 def _torchrun_on_the_tiny_data(folder: Path):
     """launch_torchrun for the tiny dataset: torchrun starts tests/dist_driver.py, which
     writes the same synthetic data on each rank and runs the real CLI."""
-    def launch(processes: int, argv: list[str]) -> int:
+    def launch_torchrun(processes: int, argv: list[str]) -> int:
         env = {**os.environ, "NORMLAB_TEST_DATA": str(folder), "NORMLAB_TEST_TRAIN": "256",
                "NORMLAB_TEST_TEST": "128", "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node", str(processes), str(DRIVER), *argv]
-        return subprocess.run(command, env=env, timeout=TIMEOUT).returncode
-    return launch
+        return finish(launch(argv, env, processes))[0]
+    return launch_torchrun
 
 
 def test_statistics_study_end_to_end_with_its_torchrun_part_and_resume(tiny_mnist, tmp_path,

@@ -167,9 +167,10 @@ def _redraw_misclassified(out: Path, record: dict[str, Any]) -> None:
     """The first seed's misclassified grids that the folder lacks (a copied folder, say),
     drawn again from the record's indices, predictions and confidences and the evaluation
     images, when those can be read without a download."""
-    missing = {name: v for name, v in record["variants"].items()
-               if good_runs(v) and not (out / f"misclassified_{name}.png").exists()
-               and "misclassified" in good_runs(v)[0]}
+    firsts = {name: (v, good_runs(v)[0]) for name, v in record["variants"].items()
+              if good_runs(v)}
+    missing = {name: (v, run) for name, (v, run) in firsts.items()
+               if "misclassified" in run and not (out / f"misclassified_{name}.png").exists()}
     if not missing:
         return
     cfg = record["config"]
@@ -181,8 +182,8 @@ def _redraw_misclassified(out: Path, record: dict[str, Any]) -> None:
               f"drawn: the {cfg['dataset']} images are not here ({exc})")
         return
     split = cfg.get("eval_split", "test")
-    for name, v in missing.items():
-        run, wrong = good_runs(v)[0], good_runs(v)[0]["misclassified"]
+    for name, (v, run) in missing.items():
+        wrong = run["misclassified"]
         mis = Misclassified(data.test_images[torch.tensor(wrong["index"], dtype=torch.long)],
                             wrong["predicted"], wrong["target"], wrong["confidence"],
                             wrong["index"])

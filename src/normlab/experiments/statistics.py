@@ -47,7 +47,6 @@ TWO_PROCESS_VARIANTS = ("sbn", "bn")
 STATISTICS_BATCHES = 300  # "a few hundred training batches" for the statistics figure
 
 
-
 def add_protocol_options(p: argparse.ArgumentParser, groups: str = "Group Norm",
                          epochs_note: str = "") -> None:
     """The per-device protocol's options (seeds, epochs, the global batch, the learning rate,
@@ -89,6 +88,7 @@ def check_protocol(a: argparse.Namespace, command: str) -> None:
         if a.batch_size % ips:
             raise UsageError(f"--images-per-statistic {ips} does not divide --batch-size "
                              f"{a.batch_size}; choose divisors of the batch")
+
 
 class Statistics(Sweep):
     """The per-device statistics study: one optimiser setting (global batch, learning rate,
