@@ -30,7 +30,8 @@ def test_remedies_study_end_to_end(tiny_mnist, tmp_path, capsys):
     assert list(runs) == [f"{k}/seed{s}" for s in (1, 2)
                           for k in ("bn/ips2", "bn/ips16", "brn/ips2", "brn/ips16", "gn")]
     assert [runs[k]["images_per_statistic"] for k in list(runs)[:5]] == [2, 16, 2, 16, None]
-    assert set(runs["bn/ips2/seed1"]["inference"]) == {"precise", "precise-grouped", "batch"}
+    assert set(runs["bn/ips2/seed1"]["inference"]) == {"precise", "precise-grouped", "batch",
+                                                       "precise-augmented"}
     assert "inference" not in runs["gn/seed1"]
 
     # Oracle 1: each run is the compare run with the same statistics, bit for bit.

@@ -67,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="MODE", help="which statistics the batch-dependent layers use: "
                    "running (as saved), precise (PreciseBN: recomputed over the first "
                    "--precise-images training images, each over a whole batch), "
-                   "precise-grouped (the same over the run's images per statistic), batch "
+                   "precise-grouped (the same over the run's images per statistic), "
+                   "precise-augmented (PreciseBN over shuffled, augmented training batches, as "
+                   "fvcore's update_bn_stats), batch "
                    "(the test set in groups of the run's images per statistic, as in "
                    "training); several at once (default: running)")
     p.add_argument("--precise-images", type=positive_int, metavar="N",
                    default=evaluate.DEFAULT_PRECISE_IMAGES,
-                   help="training images for precise and precise-grouped (default: "
+                   help="training images for the precise modes (default: "
                    "%(default)s)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the rows as JSON")
     p.add_argument("--data-dir", help="folder with the dataset's four IDX files (default as "

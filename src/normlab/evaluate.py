@@ -12,6 +12,9 @@ with running averages of them. The modes (``BN_STATS``):
   (population statistics);
 * ``precise-grouped``: the same, each statistic over the run's training grouping (its images
   per statistic): what the network actually normalised with in training;
+* ``precise-augmented``: PreciseBN as fvcore's ``update_bn_stats`` does it: over N images of
+  the training loader as training saw them (shuffled and augmented, from a fixed seed), each
+  statistic over a whole batch;
 * ``batch``: the test set normalised in consecutive groups of the run's images per
   statistic with their own statistics, as in training (``norms.batch_statistics``); a
   prediction then depends on the other images of its group.
@@ -34,7 +37,8 @@ from .engine import at_least_fp32, autocast, test
 from .model import Net
 from .norms import BATCH_NORMS, batch_statistics, precise_bn
 
-BN_STATS = ("running", "precise", "precise-grouped", "batch")
+BN_STATS = ("running", "precise", "precise-grouped", "precise-augmented", "batch")
+PRECISE_SEED = 0  # the shuffle and augmentation of precise-augmented: fixed, so it repeats
 DEFAULT_PRECISE_IMAGES = 10_000
 # The records beside weights files, newest kind first: where a file's header does not say
 # how its run trained (weights written before normlab 0.4), its folder's record does.
@@ -120,9 +124,14 @@ def evaluate_model(model: Net, data: Data, trained: Trained, mode: str, device: 
         raise ValueError(f"--precise-images {precise_images} is below one batch of "
                          f"{trained.batch_size} images (the run's batch size); give at least "
                          f"{trained.batch_size}")
-    # The first training images, in order, without augmentation, in the run's batches.
-    train = Loader(data.train_images[:precise_images], data.train_labels[:precise_images],
-                   trained.batch_size, device=device, mean=data.spec.mean, std=data.spec.std)
+    if mode == "precise-augmented":  # the training loader's batches, as fvcore takes them
+        train = Loader(data.train_images, data.train_labels, trained.batch_size, shuffle=True,
+                       augment=True, seed=PRECISE_SEED, device=device, mean=data.spec.mean,
+                       std=data.spec.std)
+    else:  # the first training images, in order, without augmentation, in the run's batches
+        train = Loader(data.train_images[:precise_images], data.train_labels[:precise_images],
+                       trained.batch_size, device=device, mean=data.spec.mean,
+                       std=data.spec.std)
     grouped = trained.images_per_statistic if mode == "precise-grouped" else None
     with autocast(device, trained.precision):
         precise_bn(model, (x for x, _ in train), images=precise_images,
