@@ -177,7 +177,8 @@ def test_batch_renorm_is_batch_norm_at_limits_one_and_zero_and_shares_its_state_
 
 
 def test_batch_renorm_refuses_a_statistic_of_one_value_and_bad_limits():
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+    with pytest.raises(ValueError, match=r"an input of shape \(1, 3\) has 1 value per "
+                                         r"channel, and Batch Norm's statistics need at least"):
         BatchRenorm1d(3)(torch.randn(1, 3))
     with pytest.raises(ValueError, match="r_max >= 1 and d_max >= 0"):
         BatchRenorm2d(3, r_max=0.5)

@@ -95,10 +95,48 @@ def test_norm_activation_targets_refuse_layers_without_a_relu_naming_them(networ
     double an activation. The error names every layer."""
     build, _, source, count = NETWORKS[network]
     model = build()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=f"cannot convert to '{target}'") as error:
         convert(model, target)
-    assert str(error.value).count("replaces the norm and its activation") == count
+    assert f"- {count} layer(s) with no nn.ReLU after them" in str(error.value)
     assert sum(type(m) is source for m in model.modules()) == count  # untouched
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_monai_3d_network_goes_to_normlab_and_back_to_torch_unchanged():
+    """torch -> normlab (virtual batches) -> torch: PyTorch's layer types again, the state
+    dict and the eval outputs equal bit for bit; the network trained a step in between."""
+    model = unet(3)
+    _randomise(model)
+    x = torch.randn(2, 1, 8, 8, 8)
+    expected, state = model.eval()(x), {k: v.clone() for k, v in model.state_dict().items()}
+    convert(model, "batch", virtual_batches=2)
+    assert torch.equal(model(x), expected)
+    back, changes = convert(model, "torch", report=True)
+    assert len(changes) == 6 and sum(type(m) is nn.BatchNorm3d for m in back.modules()) == 6
+    assert back.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in back.state_dict().items())
+    assert torch.equal(back(x), expected)
+
+
+def test_shared_norms_of_dynunet_are_converted_once_and_a_refusal_on_segresnet_changes_nothing():
+    from monai.networks.nets import DynUNet, SegResNet
+
+    model = DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2],
+                    upsample_kernel_size=[2, 2], norm_name="batch")
+    places = [n for n, m in model.named_modules(remove_duplicate=False)
+              if isinstance(m, nn.BatchNorm3d)]
+    layers = {id(m) for m in model.modules() if isinstance(m, nn.BatchNorm3d)}
+    assert (len(places), len(layers)) == (20, 10)  # each norm sits in two places
+    parameters = sum(p.numel() for p in model.parameters())
+    model, changes = convert(model, "group", num_groups=2, report=True)
+    assert len(changes) == 10 and sum(p.numel() for p in model.parameters()) == parameters
+    assert model(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+    segresnet = SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2)
+    types = [type(m) for m in segresnet.modules()]
+    with pytest.raises(ValueError, match="cannot convert to 'frn': 25 layer"):
+        convert(segresnet, "frn")
+    assert [type(m) for m in segresnet.modules()] == types
 
 
 def _example(tmp_path: Path, norm: str, processes: int) -> dict[str, torch.Tensor]:

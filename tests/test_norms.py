@@ -128,12 +128,15 @@ def test_groups_that_do_not_divide_a_layer_name_it():
     model = nn.Module()
     model.stem = nn.Sequential(nn.Conv2d(3, 12, 3), nn.BatchNorm2d(12))  # 3 divides 12
     model.stages = nn.ModuleList([Block(12, 16)])  # but not 16
-    with pytest.raises(ValueError, match=r"layer stages\.0\.body\.1: num_groups=3 does not "
-                                         r"divide 16 channels"):
+    with pytest.raises(ValueError, match=r"3 layer\(s\) of 16 channels, which num_groups=3 "
+                                         r"does not divide \(stages\.0\.body\.1, "
+                                         r"stages\.0\.body\.4, stages\.0\.shortcut\.1\)"):
         convert(model, "group", num_groups=3)
     model = nn.Sequential(nn.Conv2d(1, 6, 1), nn.BatchNorm2d(6))
-    with pytest.raises(ValueError, match=r"layer 1: num_groups=4 does not divide 6 channels"):
+    with pytest.raises(ValueError, match=r"1 layer\(s\) of 6 channels, which num_groups=4 does "
+                                         r"not divide \(1\)") as error:
         convert(model, "group")
+    assert "skip=" not in str(error.value)  # skipping cannot help: num_groups must change
     with pytest.raises(ValueError, match="unknown norm 'weight'"):
         convert(model, "weight")
 
@@ -233,7 +236,9 @@ def test_fast_batchnorm_leaves_other_inputs_to_pytorchs_kernel():
         assert torch.equal(f(x), o(x))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         BatchNorm2d(4, fast=True)(torch.randn(1, 4, 1, 1))
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+    # Virtual batches: the message speaks of the user's input, not of the parts' reshaping
+    with pytest.raises(ValueError, match=r"an input of shape \(2, 4, 1, 1\) in 2 virtual "
+                                         r"batches leaves 1 value per channel in a part"):
         BatchNorm2d(4, fast=True, virtual_batches=2)(torch.randn(2, 4, 1, 1))
 
 
@@ -323,16 +328,21 @@ def test_convert_refuses_what_it_cannot_convert_naming_every_layer_unless_skippe
                           nn.ReLU())
     with pytest.raises(ValueError) as error:
         convert(model, "evonorm-b0")
-    message = str(error.value)
-    assert message.startswith("cannot convert to 'evonorm-b0': layer 1: evonorm-b0 replaces "
-                              "the norm and its activation, and no nn.ReLU follows this layer")
-    assert "layer 3: LayerNorm normalises over its last dimension(s)" in message
-    assert "layer 7: evonorm-b0 is defined for 2-D maps (N, C, H, W), not 3-D" in message
-    assert message.endswith("(pass skip=(type, ...) to leave such layers as they are)")
+    assert str(error.value).splitlines() == [
+        "cannot convert to 'evonorm-b0': 3 layer(s) refused, so nothing was changed",
+        "- 1 layer(s) with no nn.ReLU after them in their nn.Sequential, which this target "
+        "replaces together with the norm (1): convert to a norm without its own activation, "
+        "or pass skip=(BatchNorm2d,) to leave them as they are",
+        "- 1 layer(s) LayerNorm: normalise over their last dimension(s), not over channels and "
+        "positions (3): convert them by hand, or leave them, or pass skip=(LayerNorm,) to "
+        "leave them as they are",
+        "- 1 layer(s) BatchNorm3d on 3-D maps, where evonorm-b0 is defined for 2-D maps "
+        "(N, C, H, W) only (7): choose another target, or pass skip=(BatchNorm3d,) to leave "
+        "them as they are"]
     assert type(model[1]) is nn.BatchNorm2d  # nothing was changed
-    with pytest.raises(ValueError, match="layer 3: LayerNorm") as error:
+    with pytest.raises(ValueError, match=r"LayerNorm: .* \(3\)") as error:
         convert(model, "group", num_groups=2)
-    assert "layer 1" not in str(error.value)
+    assert "(1)" not in str(error.value)
     _, changes = convert(model, "group", num_groups=2, skip=(nn.LayerNorm,), report=True)
     assert set(changes) == {"1", "7"} and type(model[3]) is nn.LayerNorm
 
@@ -340,7 +350,7 @@ def test_convert_refuses_what_it_cannot_convert_naming_every_layer_unless_skippe
 def test_convert_says_when_a_model_has_no_normalization_layer():
     with pytest.raises(ValueError, match="the model has no normalization layer"):
         convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), "group")
-    with pytest.raises(ValueError, match="num_groups=3 does not divide 8 channels"):
+    with pytest.raises(ValueError, match="of 8 channels, which num_groups=3 does not divide"):
         convert(Net1d3d(), "group", num_groups=3)
 
 

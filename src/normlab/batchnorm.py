@@ -189,6 +189,25 @@ class _BatchStatistics:
         return (super().extra_repr() + extra + (", sync=True" if self.sync else "")
                 + (", fast=True" if self.fast else ""))
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """For ``torch.jit.script``: a plain layer becomes its PyTorch twin
+        (``nn.BatchNorm1d/2d/3d``, sharing this layer's parameters and buffers), which
+        TorchScript compiles; any other setting is refused in one line saying what to do."""
+        from .convert import twin_of
+
+        special = [what for what, on in (
+            (f"virtual_batches={self.virtual_batches}", self.virtual_batches > 1),
+            ("sync=True", self.sync), ("fast=True", self.fast),
+            ("Batch Renorm's correction", self._corrects())) if on]
+        twin = twin_of(self, share=True) if not special else None
+        if twin is None or isinstance(twin, str):
+            why = ", ".join(special) if special else "no fixed dimension"
+            raise RuntimeError(f"torch.jit.script cannot compile normlab's "
+                               f"{type(self).__name__} ({why}); use torch.compile, or "
+                               f"normlab.convert.to_torch(model) first for PyTorch's layers "
+                               f"(its eval outputs are the same)")
+        return twin
+
     def _synchronised(self) -> bool:
         return (self.sync and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1)
@@ -220,6 +239,13 @@ class _BatchStatistics:
         if n < k:
             raise ValueError(f"virtual_batches={k} needs at least {k} images, got {n}: every "
                              f"part needs an image to compute its statistics")
+        values = n // k * math.prod(x.shape[2:])  # per channel in the smallest part
+        if values < 2 and (k > 1 or self._corrects()):
+            where = f" in {k} virtual batches leaves" if k > 1 else " has"
+            raise ValueError(f"an input of shape {tuple(x.shape)}{where} {values} value per "
+                             f"channel{' in a part' if k > 1 else ''}, and Batch Norm's "
+                             f"statistics need at least two: give more images or larger "
+                             f"maps{', or fewer virtual batches' if k > 1 else ''}")
         if k == 1:  # Batch Renorm over the whole batch
             y, mean, var = self._batch_norm(x, self.weight, self.bias, 1)
             self._update_running(mean, var)
@@ -391,10 +417,6 @@ class _BatchRenorm(_BatchStatistics):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """r and d for each channel of ``x`` (``parts`` parts side by side as channels), from
         its statistics (over every rank's with ``group``) and the running ones."""
-        if group is None and x.numel() <= x.shape[1]:
-            raise ValueError(f"Expected more than 1 value per channel when training, got "
-                             f"input size {list(x.shape)}: Batch Renorm's statistics need at "
-                             f"least two values")
         mean, var = channel_statistics(x.contiguous())
         if group is not None:
             mean, var, _ = _over_ranks(mean, var, x.numel() // x.shape[1], group)
@@ -449,15 +471,17 @@ def renorm_limits(progress: float, r_max: float = 3.0, d_max: float = 5.0
 
 class RenormSchedule:
     """Sets every Batch Renorm layer's ``r_max`` and ``d_max`` from the steps a run has
-    taken (``update(step)`` before each step); a function of the step alone, so a resumed
-    run continues exactly."""
+    taken (``update(step)`` before each step), on the paper's schedule towards each layer's
+    own limits as it was built (``convert(model, "batchrenorm", r_max=..., d_max=...)``),
+    or towards ``r_max`` and ``d_max`` where given; a function of the step alone, so a
+    resumed run continues exactly."""
 
-    def __init__(self, model: nn.Module, total_steps: int, r_max: float = 3.0,
-                 d_max: float = 5.0) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, _BatchRenorm)]
-        self.total, self.r_max, self.d_max = total_steps, r_max, d_max
+    def __init__(self, model: nn.Module, total_steps: int, r_max: float | None = None,
+                 d_max: float | None = None) -> None:
+        self.layers = [(m, r_max or m.r_max, m.d_max if d_max is None else d_max)
+                       for m in model.modules() if isinstance(m, _BatchRenorm)]
+        self.total = total_steps
 
     def update(self, step: int) -> None:
-        r_max, d_max = renorm_limits(step / self.total, self.r_max, self.d_max)
-        for layer in self.layers:
-            layer.r_max, layer.d_max = r_max, d_max
+        for layer, r_max, d_max in self.layers:
+            layer.r_max, layer.d_max = renorm_limits(step / self.total, r_max, d_max)

@@ -35,7 +35,8 @@ from .checkpoint import CheckpointError, load_model_and_meta
 from .data import Data, Loader, load_data, make_loaders
 from .engine import at_least_fp32, autocast, test
 from .model import Net
-from .norms import BATCH_NORMS, batch_statistics, precise_bn
+from .norms import NORMS
+from .precise import batch_statistics, precise_bn
 
 BN_STATS = ("running", "precise", "precise-grouped", "precise-augmented", "batch")
 PRECISE_SEED = 0  # the shuffle and augmentation of precise-augmented: fixed, so it repeats
@@ -60,7 +61,7 @@ class Trained:
 
 def batch_dependent(model: Net) -> bool:
     """Whether ``model``'s norm normalises with statistics of the batch in training."""
-    return model.norm in BATCH_NORMS
+    return NORMS[model.norm].batch_dependent
 
 
 def load_trained(path: str | Path, device: torch.device) -> tuple[Net, Trained]:
@@ -80,9 +81,9 @@ def load_trained(path: str | Path, device: torch.device) -> tuple[Net, Trained]:
                               f"evaluate weights in the folder normlab wrote them to")
     if "images_per_statistic" not in merged:  # a compare: per process, or per virtual batch
         per_process = merged["batch_size"] // merged.get("world_size", 1)
-        merged["images_per_statistic"] = (None if model.norm == "syncbatch" else
+        merged["images_per_statistic"] = (None if NORMS[model.norm].synchronized else
                                           merged.get("virtual_batch_size") or per_process)
-    if model.norm == "syncbatch":  # statistics over the whole global batch
+    if NORMS[model.norm].synchronized:  # statistics over the whole global batch
         merged["images_per_statistic"] = merged["batch_size"]
     if not batch_dependent(model):
         merged["images_per_statistic"] = None

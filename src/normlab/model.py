@@ -1,11 +1,11 @@
 """The compact MNIST CNN whose only moving part is the normalization layer.
 
 Every convolution is followed by the same block: norm -> ReLU (-> dropout), or, for the
-norms that are their own activation (FRN, EvoNorm: ``norms.ACT_NORMS``), that one layer
-(timm's ``create_norm_act`` pattern). Which normalization it is comes from
-``normlab.norms.make_norm``, one name -> layer map, so the switch lives in one place (the
-pattern timm's ``create_norm.py`` uses). ``weight_std`` makes every convolution followed by a
-norm a Weight-Standardized one (``StdConv2d``).
+norms that are their own activation (FRN, EvoNorm: their record's ``activation``), that
+one layer (timm's ``create_norm_act`` pattern). Which normalization it is comes from
+``normlab.norms.make_norm`` and its records (``norms.NORMS``), so the switch lives in one
+place (the pattern timm's ``create_norm.py`` uses). ``weight_std`` makes every convolution
+followed by a norm a Weight-Standardized one (``StdConv2d``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norms import ACT_NORMS, NORM_LAYERS, NORMS, StdConv2d, check_norm, make_norm
+from .norms import NORMS, StdConv2d, make_norm, norm_record
 
-__all__ = ["ARCHITECTURE", "NORM_LAYERS", "NORMS", "MaxPool2x2", "Net", "count_parameters",
-           "make_norm"]
+__all__ = ["ARCHITECTURE", "NORMS", "MaxPool2x2", "Net", "count_parameters", "make_norm"]
 
 
 # (name, out_channels, kernel) for each conv; "pool" is a 2x2 max-pool. Input 1x28x28.
@@ -84,7 +83,8 @@ class Net(nn.Module):
         num_groups: groups for ``norm="group"``; must divide every conv's channels.
         dropout: drop probability after each conv block (0 disables it).
         architecture: the conv stack, as in ``ARCHITECTURE``; change it to study width.
-        virtual_batches: for the batch-dependent norms (``norms.VIRTUAL_BATCH_NORMS``),
+        virtual_batches: for the batch-dependent norms that take them (their record's
+            ``virtual``),
             split each training batch into this many parts, each normalised with its own
             statistics (``norms.BatchNorm2d``).
         weight_std: Weight Standardization (``norms.StdConv2d``) for every convolution
@@ -102,7 +102,7 @@ class Net(nn.Module):
         weight_std: bool = False,
     ) -> None:
         super().__init__()
-        check_norm(norm)
+        record = norm_record(norm)
         if num_groups <= 0:
             raise ValueError(f"num_groups must be positive, got {num_groups}")
         if not 0.0 <= dropout < 1.0:
@@ -123,7 +123,7 @@ class Net(nn.Module):
                 continue
             if out_ch <= 0 or kernel <= 0:
                 raise ValueError(f"layer {name}: channels and kernel must be positive")
-            if norm in ("group", "evonorm-s0") and out_ch % num_groups:
+            if record.grouped and out_ch % num_groups:
                 raise ValueError(
                     f"num_groups={num_groups} does not divide layer {name}'s {out_ch} "
                     f"channels; pick a divisor of {out_ch}"
@@ -131,7 +131,7 @@ class Net(nn.Module):
             conv = StdConv2d if weight_std and norm != "none" else nn.Conv2d
             block = [conv(in_ch, out_ch, kernel, bias=norm == "none"),
                      make_norm(norm, out_ch, num_groups, virtual_batches)]
-            if norm not in ACT_NORMS:
+            if not record.activation:
                 block.append(nn.ReLU(inplace=True))
             if dropout > 0:
                 block.append(nn.Dropout(dropout))

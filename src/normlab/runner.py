@@ -46,6 +46,7 @@ from .engine import (
 )
 from .experiments.base import Experiment, Run, Settings
 from .model import Net
+from .norms import NORMS
 from .report import environment
 
 
@@ -337,7 +338,8 @@ def _check_parallel(args: argparse.Namespace, ranks: Ranks) -> None:
     if args.jobs != "auto" and args.jobs > 1 and ranks.distributed:
         raise UsageError("--jobs runs independent runs in worker processes; under torchrun "
                          "each run is already spread over the ranks: drop --jobs or torchrun")
-    if args.virtual_batch_size is not None and "sbn" in args.variants:
+    if args.virtual_batch_size is not None and any(
+            NORMS[VARIANTS[v].norm].synchronized for v in args.variants):
         raise UsageError("sbn (synchronized Batch Norm) computes over the whole global batch; "
                          "--virtual-batch-size does not combine with it")
 

@@ -18,7 +18,7 @@ import torch
 from ..data import Data
 from ..engine import VARIANTS
 from ..model import Net
-from ..norms import BATCH_NORMS, VIRTUAL_BATCH_NORMS
+from ..norms import NORMS
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Run:
     def split(self, default: int | None) -> int | None:
         """The virtual batch size this run trains with: its own, else the command line's
         (``default``); None for the norms without batch statistics."""
-        if VARIANTS[self.variant].norm not in VIRTUAL_BATCH_NORMS:
+        if not NORMS[VARIANTS[self.variant].norm].virtual:
             return None
         return self.virtual_batch_size or default
 
@@ -44,10 +44,10 @@ class Run:
         """How many images each of its batch statistics covers: a virtual batch, else each
         process's part of the batch (synchronized: the whole batch); None for the norms
         without batch statistics."""
-        norm = VARIANTS[self.variant].norm
-        if norm == "syncbatch":
+        norm = NORMS[VARIANTS[self.variant].norm]
+        if norm.synchronized:
             return self.batch_size
-        if norm not in BATCH_NORMS:
+        if not norm.batch_dependent:
             return None
         return self.split(s.virtual_batch_size) or self.batch_size // s.world_size
 

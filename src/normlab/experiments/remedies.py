@@ -29,7 +29,7 @@ from ..data import Data, load_data
 from ..engine import VARIANTS
 from ..evaluate import DEFAULT_PRECISE_IMAGES, Trained, evaluate_model
 from ..model import Net
-from ..norms import BATCH_NORMS
+from ..norms import NORMS
 from ..options import add_run_options, positive_int
 from ..plots import draw_errors, with_note
 from ..report import cell, provenance_lines, time_line
@@ -81,13 +81,14 @@ class Remedies(Sweep):
 
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
-        batch_dependent = [v for v, x in VARIANTS.items() if x.norm in BATCH_NORMS
-                           and v != "sbn"]
+        batch_dependent = [v for v, x in VARIANTS.items() if NORMS[x.norm].batch_dependent
+                           and not NORMS[x.norm].synchronized]
         p.add_argument("--variants", nargs="+", choices=batch_dependent, default=list(SWEPT),
                        metavar="VARIANT", help=f"batch-dependent variants, trained at every "
                        f"size (default: {' '.join(SWEPT)})")
         p.add_argument("--references", nargs="*", default=list(REFERENCES), metavar="VARIANT",
-                       choices=[v for v in VARIANTS if v not in batch_dependent + ["sbn"]],
+                       choices=[v for v, x in VARIANTS.items()
+                                if not NORMS[x.norm].batch_dependent],
                        help=f"batch-independent variants, trained once per seed (default: "
                        f"{' '.join(REFERENCES)})")
         p.add_argument("--images-per-statistic", type=positive_int, nargs="+", metavar="B",
