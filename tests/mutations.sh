@@ -54,7 +54,7 @@ run "Batch Renorm: eps added to the std" src/normlab/batchnorm.py \
 run "FRN: one threshold for all channels" src/normlab/normact.py \
   "                             _per_channel(self.tau, x))" "                             self.tau.mean().to(x.dtype))" \
   "tests/test_layers.py -k filter_response"
-run "PreciseBN: last batch's statistics instead of the average" src/normlab/norms.py \
+run "PreciseBN: last batch's statistics instead of the average" src/normlab/precise.py \
   "        m.running_var.copy_(var / total)" "        pass" \
   "tests/test_norms.py -k precise_bn"
 run "EvoNorm-B0: batch variance at eval instead of the running one" src/normlab/normact.py \
