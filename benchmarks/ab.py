@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from normlab.report import cpu_name
+from normlab.provenance import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 

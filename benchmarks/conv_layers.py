@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.model import Net
-from normlab.report import cpu_name, git_revision
+from normlab.provenance import cpu_name, git_revision
 
 BATCH = 128
 

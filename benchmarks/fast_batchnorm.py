@@ -27,7 +27,7 @@ from normlab.data import Loader, load_data, make_loaders
 from normlab.engine import DEFAULTS, VARIANTS, make_optimizer, train
 from normlab.model import Net
 from normlab.norms import BatchNorm2d
-from normlab.report import cpu_name, git_revision
+from normlab.provenance import cpu_name, git_revision
 
 BATCH = DEFAULTS["batch_size"]
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from normlab.report import cpu_name, git_revision
+from normlab.provenance import cpu_name, git_revision
 from normlab.runner import cores
 
 MODES = {

@@ -24,7 +24,7 @@ import torch
 from normlab.data import load_data, make_loaders
 from normlab.engine import DEFAULTS, VARIANTS, make_optimizer, train
 from normlab.model import Net
-from normlab.report import cpu_name, git_revision
+from normlab.provenance import cpu_name, git_revision
 
 BATCH = DEFAULTS["batch_size"]
 DEFAULT_VARIANTS = ("gn", "bn", "bn@2", "brn", "brn@2", "evob0", "evob0@2", "gn+ws", "ln+ws",

@@ -38,7 +38,7 @@ from throughput import reference_loaders, reference_train_step  # beside this fi
 from normlab.data import load_data
 from normlab.engine import DEFAULTS, STUDY_VARIANTS, VARIANTS, make_optimizer
 from normlab.model import Net
-from normlab.report import cpu_name, git_revision
+from normlab.provenance import cpu_name, git_revision
 
 
 def reference_study(data_dir: str | None, limit_train: int | None, workers: int

@@ -49,7 +49,7 @@ from normlab.engine import (
     train,
 )
 from normlab.model import Net
-from normlab.report import cpu_name, git_revision
+from normlab.provenance import cpu_name, git_revision
 
 BATCH = DEFAULTS["batch_size"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from normlab.data import load_data
 from normlab.engine import DEFAULTS, VARIANTS, train_model
 from normlab.model import ARCHITECTURE, count_parameters
-from normlab.report import git_revision
+from normlab.provenance import git_revision
 
 
 def parse_arch(text: str) -> tuple[tuple[str, int, int], ...]:

@@ -158,11 +158,12 @@ def test_select_device(monkeypatch):
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    from normlab.engine import resolve_precision
+    from normlab import device
+    from normlab.device import resolve_precision
 
-    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    monkeypatch.setattr(device, "native_bf16", lambda device: True)
     assert resolve_precision("auto", CPU) == "bf16"
-    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    monkeypatch.setattr(device, "native_bf16", lambda device: False)
     assert resolve_precision("auto", CPU) == "fp32"
     assert resolve_precision("bf16", CPU) == "bf16"  # asked for explicitly: honoured
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):

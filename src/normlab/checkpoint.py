@@ -13,7 +13,6 @@ which hold optimiser and random-number state and stay torch files.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -26,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from . import __version__
+from .errors import CheckpointError, disk_full  # noqa: F401 - disk_full: for callers
 from .model import Net
 
 WEIGHTS_SUFFIX = ".safetensors"
@@ -34,10 +34,6 @@ WEIGHTS_FORMAT = "normlab-weights-1"
 # The conv stack of normlab 0.1, whose weight files do not name their architecture.
 ARCHITECTURE_0_1 = (("conv1", 8, 3), ("conv2", 12, 3), ("conv3", 16, 3), ("pool", 0, 2),
                     ("trans", 8, 1), ("conv4", 12, 3), ("conv5", 16, 3), ("conv6", 20, 3))
-
-
-class CheckpointError(Exception):
-    """A weights/metrics file that cannot be used; the message says why and what to do."""
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
@@ -60,11 +56,6 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             raise OSError(exc.errno, exc.strerror, str(path)) from None  # name the file
         raise
-
-
-def disk_full(exc: BaseException) -> bool:
-    """A write that failed for want of space (full disk, or quota)."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -22,12 +22,14 @@ from pathlib import Path
 
 from . import __version__, distributed, evaluate, explain
 from .checkpoint import WEIGHTS_SUFFIX, convert_weights, write_json
-from .engine import STUDY_VARIANTS, VARIANTS, select_device
+from .device import select_device
+from .errors import UsageError, error_line
 from .experiments import registry
 from .model import count_parameters
 from .options import add_model_options, positive_int
-from .report import git_revision
-from .runner import UsageError, build_models, error_line, run_experiment
+from .provenance import git_revision
+from .runner import build_models, run_experiment
+from .variants import STUDY_VARIANTS, VARIANTS
 
 
 def build_parser() -> argparse.ArgumentParser:

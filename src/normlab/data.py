@@ -19,13 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
+
 ENV_VAR = "NORMLAB_DATA"
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # 0x00000803 and 0x00000801 in the IDX spec
 FIX = "delete it to download it again, or point --data-dir at a good copy"
-
-
-class DataError(Exception):
-    """Bad or missing data; the message says which file, what is wrong and what to do."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import UsageError
+
 TIMEOUT_ENV = "NORMLAB_DIST_TIMEOUT"  # seconds a collective may wait for a hung rank
 DEFAULT_TIMEOUT_S = 300
 
@@ -74,10 +76,10 @@ def from_env(environ: dict[str, str] | None = None) -> Ranks:
         values["local_rank"] = int(env.get("LOCAL_RANK", values["RANK"]))
         values["local_world_size"] = int(env.get("LOCAL_WORLD_SIZE", values["WORLD_SIZE"]))
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"bad torch.distributed environment ({exc}); launch with torchrun, "
+        raise UsageError(f"bad torch.distributed environment ({exc}); launch with torchrun, "
                          f"which sets RANK, WORLD_SIZE and LOCAL_RANK") from None
     if not 0 <= values["RANK"] < values["WORLD_SIZE"]:
-        raise ValueError(f"RANK={values['RANK']} is outside WORLD_SIZE={values['WORLD_SIZE']}")
+        raise UsageError(f"RANK={values['RANK']} is outside WORLD_SIZE={values['WORLD_SIZE']}")
     return Ranks(values["RANK"], values["WORLD_SIZE"], values["local_rank"],
                  values["local_world_size"])
 

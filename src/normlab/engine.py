@@ -23,8 +23,18 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import load_training_state, save_training_state
 from .data import Data, Loader, load_data, make_loaders
+from .device import (  # noqa: F401 - also part of engine's documented API
+    PRECISIONS,
+    at_least_fp32,
+    autocast,
+    native_bf16,
+    resolve_precision,
+    select_device,
+)
+from .errors import UsageError
 from .model import ARCHITECTURE, Net
 from .norms import RenormSchedule
+from .variants import STUDY_VARIANTS, VARIANTS, Variant  # noqa: F401 - the catalogue
 
 History = dict[str, list[float]]
 
@@ -33,105 +43,9 @@ class TrainingDiverged(Exception):
     """The loss became NaN/inf; the message names the variant, epoch and batch."""
 
 
-@dataclass(frozen=True)
-class Variant:
-    """A named study variant: which normalization, whether it carries the L1 penalty, and
-    whether its convolutions are Weight-Standardized."""
-
-    name: str
-    norm: str
-    label: str
-    l1: bool = False
-    weight_std: bool = False
-
-
-VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("bn+l1", "batch", "Batch Norm + L1", l1=True),
-    Variant("ln", "layer", "Layer Norm"),
-    Variant("gn", "group", "Group Norm"),
-    Variant("bn", "batch", "Batch Norm"),
-    Variant("sbn", "syncbatch", "Synchronized Batch Norm"),
-    Variant("in", "instance", "Instance Norm"),
-    Variant("none", "none", "No norm"),
-    # The small-batch remedies (issue 23): docs/normalization.md says what each changes.
-    Variant("brn", "batchrenorm", "Batch Renorm"),
-    Variant("bn+ws", "batch", "Batch Norm + WS", weight_std=True),
-    Variant("gn+ws", "group", "Group Norm + WS", weight_std=True),
-    Variant("ln+ws", "layer", "Layer Norm + WS", weight_std=True),
-    Variant("frn", "frn", "Filter Response Norm"),
-    Variant("evob0", "evonorm-b0", "EvoNorm-B0"),
-    Variant("evos0", "evonorm-s0", "EvoNorm-S0"),
-)}
-STUDY_VARIANTS = ("bn+l1", "ln", "gn")
-
 # Defaults shared by the CLI, the notebook and train_model.
 DEFAULTS = dict(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=0.0,
                 lambda_l1=1e-5, num_groups=4, dropout=0.0, seed=1, precision="fp32")
-
-
-def select_device(name: str | None = None) -> torch.device:
-    """``None``/"auto" picks cuda, then mps, then cpu; otherwise the named device, checked."""
-    if name in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise ValueError(f"device {name!r} is not available here; use auto or cpu")
-    if device.type == "cuda" and device.index is not None and \
-            device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} "
-                         f"CUDA device(s)")
-    return device
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 in hardware (so autocast to it is a speed-up):
-    CUDA GPUs that support it, and CPUs with AVX512-BF16 or AMX (read from /proc/cpuinfo;
-    elsewhere we do not guess)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" where the hardware has it natively, else "fp32"; others as given."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: "
-                         f"{', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """Mixed precision for the forward pass: convolutions in bfloat16, weights, optimiser
-    state and losses stay float32. "fp32" disables it."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """bfloat16 outputs of autocast back to float32; float32 and float64 as they are (with
-    ``torch.set_default_dtype(torch.float64)`` everything trains in double precision, which
-    the multi-process tests use as an exact oracle)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
@@ -537,20 +451,20 @@ def check_split(train_images: int, batch_size: int, world: int = 1,
     image (an empty part has no statistics).
     """
     if batch_size % world:
-        raise ValueError(f"the global batch of {batch_size} images does not split over "
+        raise UsageError(f"the global batch of {batch_size} images does not split over "
                          f"{world} processes; choose a --batch-size that {world} divides")
     per_process = batch_size // world
     parts = 1
     if virtual_batch_size is not None:
         if virtual_batch_size <= 0 or per_process % virtual_batch_size:
             where = f" per process ({batch_size} over {world})" if world > 1 else ""
-            raise ValueError(f"--virtual-batch-size {virtual_batch_size} does not divide the "
+            raise UsageError(f"--virtual-batch-size {virtual_batch_size} does not divide the "
                              f"batch of {per_process} images{where}; choose a divisor of "
                              f"{per_process}")
         parts = per_process // virtual_batch_size
     last = train_images % batch_size
     if last and last < world * parts:
-        raise ValueError(f"the last batch holds {last} of the {train_images:,} training "
+        raise UsageError(f"the last batch holds {last} of the {train_images:,} training "
                          f"images, too few to give each of {world * parts} parts one; "
                          f"change --limit-train or --batch-size")
     return parts

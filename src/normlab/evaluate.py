@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_model_and_meta
 from .data import Data, Loader, load_data, make_loaders
-from .engine import at_least_fp32, autocast, test
+from .device import at_least_fp32, autocast
+from .engine import test
 from .model import Net
 from .norms import NORMS
 from .precise import batch_statistics, precise_bn

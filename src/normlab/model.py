@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UsageError
 from .norms import NORMS, StdConv2d, make_norm, norm_record
 
 __all__ = ["ARCHITECTURE", "NORMS", "MaxPool2x2", "Net", "count_parameters", "make_norm"]
@@ -104,11 +105,11 @@ class Net(nn.Module):
         super().__init__()
         record = norm_record(norm)
         if num_groups <= 0:
-            raise ValueError(f"num_groups must be positive, got {num_groups}")
+            raise UsageError(f"num_groups must be positive, got {num_groups}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise UsageError(f"dropout must be in [0, 1), got {dropout}")
         if num_classes <= 0:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+            raise UsageError(f"num_classes must be positive, got {num_classes}")
         self.norm, self.num_groups, self.dropout = norm, num_groups, dropout
         self.virtual_batches, self.weight_std = virtual_batches, weight_std
         self.architecture = tuple((str(n), int(c), int(k)) for n, c, k in architecture)
@@ -118,13 +119,13 @@ class Net(nn.Module):
         for name, out_ch, kernel in self.architecture:
             if name == "pool":
                 if kernel != 2:
-                    raise ValueError(f"layer {name}: only 2x2 max-pooling is supported")
+                    raise UsageError(f"layer {name}: only 2x2 max-pooling is supported")
                 layers.append(MaxPool2x2())
                 continue
             if out_ch <= 0 or kernel <= 0:
-                raise ValueError(f"layer {name}: channels and kernel must be positive")
+                raise UsageError(f"layer {name}: channels and kernel must be positive")
             if record.grouped and out_ch % num_groups:
-                raise ValueError(
+                raise UsageError(
                     f"num_groups={num_groups} does not divide layer {name}'s {out_ch} "
                     f"channels; pick a divisor of {out_ch}"
                 )

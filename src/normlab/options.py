@@ -11,7 +11,9 @@ import argparse
 from pathlib import Path
 
 from .data import DATASETS
-from .engine import DEFAULTS, PRECISIONS, VARIANTS
+from .device import PRECISIONS
+from .engine import DEFAULTS
+from .variants import VARIANTS
 
 
 def positive_int(text: str) -> int:

@@ -1,6 +1,6 @@
-"""The pieces every experiment's report is built from: the environment a record captures,
-seed tables with means, confidence intervals and paired differences, and the provenance
-lines (command, configuration, revision, machine, parallelism, versions).
+"""The pieces every experiment's report is built from: seed tables with means, confidence
+intervals and paired differences, and the provenance lines (command, configuration,
+revision, machine, parallelism, versions) drawn from the record's ``environment``.
 
 A number without its command, seed, versions and git revision cannot be reproduced, so every
 report carries all of them, taken from its record (the single source of truth). Each
@@ -9,54 +9,15 @@ experiment's own report lives with it in ``normlab.experiments``.
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from . import __version__
+from .provenance import environment  # noqa: F401 - the notebook imports it from here
 from .stats import paired_difference, t_interval
 
 # Final-epoch test accuracy of the study normlab grew from (MNIST, single run, 20 epochs).
 REFERENCE_ACC = {"bn+l1": 99.27, "ln": 99.02, "gn": 99.25}
-
-
-def git_revision(cwd: str | Path | None = None) -> str:
-    """The checked-out commit (with "-dirty" if there are uncommitted changes), or "unknown"."""
-    where = Path(cwd) if cwd else Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=where,
-                             capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=where, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and machine facts that the numbers depend on."""
-    env = dict(normlab=__version__, python=platform.python_version(), torch=torch.__version__,
-               numpy=np.__version__, platform=platform.platform(), cpu=cpu_name(),
-               cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-               device=str(device), git_revision=git_revision())
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
 
 
 def good_runs(variant: dict[str, Any]) -> list[dict[str, Any]]:
@@ -150,8 +111,8 @@ def parallel_line(record: dict[str, Any]) -> str:
     return line
 
 
-def _parallelism(p: dict[str, Any], environment: dict[str, Any]) -> str:
-    threads = p.get("threads_per_process", environment.get("torch_threads"))
+def _parallelism(p: dict[str, Any], env: dict[str, Any]) -> str:
+    threads = p.get("threads_per_process", env.get("torch_threads"))
     if p.get("world_size", 1) > 1:
         per_device = (f", {p['images_per_device']} images per device"
                       if p.get("images_per_device") else "")

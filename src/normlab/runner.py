@@ -33,45 +33,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, disk_full, write_json
-from .data import Data, DataError
+from .checkpoint import write_json
+from .data import Data
+from .device import resolve_precision, select_device
 from .distributed import Ranks
-from .engine import (
-    VARIANTS,
-    TrainingDiverged,
-    check_split,
-    resolve_precision,
-    select_device,
-    train_model,
-)
+from .engine import TrainingDiverged, check_split, train_model
+from .errors import CheckpointError, DataError, UsageError, WorkerDied, error_line
 from .experiments.base import Experiment, Run, Settings
 from .model import Net
 from .norms import NORMS
-from .report import environment
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for, reported as one line with exit code 2."""
-
-
-class WorkerDied(Exception):
-    """A --jobs worker (or a launched part of an experiment) ended without finishing."""
-
-
-def error_line(exc: BaseException) -> tuple[int, str] | None:
-    """(exit code, one line) for the failures normlab expects; None for a bug."""
-    if isinstance(exc, UsageError):
-        return 2, f"error: {exc}"
-    if isinstance(exc, DataError):
-        return 1, f"data error: {exc}"
-    if isinstance(exc, CheckpointError | WorkerDied):
-        return 1, f"error: {exc}"
-    if isinstance(exc, OSError):
-        where = f" {exc.filename}" if exc.filename else ""
-        fix = "free some space" if disk_full(exc) else "fix that"
-        return 1, (f"error: cannot write{where} ({exc.strerror or exc}); its previous version "
-                   f"and every finished epoch are kept: {fix}, then resume")
-    return None
+from .provenance import environment
+from .variants import VARIANTS
 
 
 def cores() -> int:
@@ -287,17 +259,11 @@ def run_lock(out: Path) -> Iterator[None]:
 
 def build_models(variants: list[str], num_groups: int) -> dict[str, Net]:
     """One untrained model per variant; raises UsageError for an impossible combination."""
-    try:
-        return {name: Net(VARIANTS[name].norm, num_groups=num_groups) for name in variants}
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    return {name: Net(VARIANTS[name].norm, num_groups=num_groups) for name in variants}
 
 
 def _device_for(args: argparse.Namespace, ranks: Ranks) -> torch.device:
-    try:
-        device = select_device(args.device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    device = select_device(args.device)
     if ranks.distributed and device.type == "cuda":  # one GPU per local rank
         if ranks.local_world_size > torch.cuda.device_count():
             raise UsageError(f"{ranks.local_world_size} processes on this machine but "
@@ -378,10 +344,7 @@ def run_experiment(experiment: Experiment) -> int:
     """
     experiment.check()
     args = experiment.args
-    try:
-        ranks = distributed.from_env()
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    ranks = distributed.from_env()
     build_models(args.variants, args.num_groups)  # fail fast, before any data is read
     if args.tensorboard is not None:
         try:

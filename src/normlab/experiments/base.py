@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from ..data import Data
-from ..engine import VARIANTS
 from ..model import Net
 from ..norms import NORMS
+from ..variants import VARIANTS
 
 
 @dataclass(frozen=True)

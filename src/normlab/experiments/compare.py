@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, save_model
 from ..data import Data, DataError, load_data, make_loaders
-from ..engine import DEFAULTS, STUDY_VARIANTS, VARIANTS, Misclassified, misclassified
+from ..engine import DEFAULTS, Misclassified, misclassified
 from ..model import Net, count_parameters
 from ..options import add_model_options, add_run_options, positive_float, positive_int
 from ..plots import plot_curves, plot_misclassified
@@ -32,6 +32,7 @@ from ..report import (
     time_line,
 )
 from ..stats import t_interval
+from ..variants import STUDY_VARIANTS, VARIANTS
 from .base import Experiment, Run, Settings
 
 

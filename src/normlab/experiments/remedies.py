@@ -26,15 +26,15 @@ from matplotlib.figure import Figure
 
 from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, save_model
 from ..data import Data, load_data
-from ..engine import VARIANTS
+from ..errors import UsageError
 from ..evaluate import DEFAULT_PRECISE_IMAGES, Trained, evaluate_model
 from ..model import Net
 from ..norms import NORMS
 from ..options import add_run_options, positive_int
 from ..plots import draw_errors, with_note
 from ..report import cell, provenance_lines, time_line
-from ..runner import UsageError
 from ..stats import paired_difference
+from ..variants import VARIANTS
 from .base import Run, Settings
 from .statistics import GN_PAPER, add_protocol_options, check_protocol, protocol_runs
 from .sweep import Sweep, and_references

@@ -28,13 +28,15 @@ from matplotlib.figure import Figure
 from .. import distributed
 from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, load_model, save_model, write_json
 from ..data import Data, load_data, make_loaders
-from ..engine import DEFAULTS, VARIANTS
+from ..engine import DEFAULTS
+from ..errors import UsageError, WorkerDied
 from ..model import Net
 from ..norms import statistics_seen
 from ..options import add_run_options, positive_float, positive_int
 from ..plots import plot_errors, save_figure, with_note
 from ..report import cell, good_runs, provenance_lines, time_line
-from ..runner import UsageError, WorkerDied, launch_torchrun
+from ..runner import launch_torchrun
+from ..variants import VARIANTS
 from .base import Run, Settings
 from .sweep import DEFAULT_BATCH_SIZES, Sweep, and_references
 

@@ -32,11 +32,11 @@ from matplotlib.figure import Figure
 
 from ..checkpoint import atomic_write
 from ..data import Data, load_data
-from ..engine import VARIANTS
 from ..model import Net
 from ..options import add_model_options, add_run_options, positive_float, positive_int
 from ..plots import plot_errors
 from ..report import cell, provenance_lines, time_line
+from ..variants import VARIANTS
 from .base import Experiment, Run, Settings
 
 DEFAULT_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
