@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ Decide = Callable[["_Step", int | None], "nn.Module | _Refusal | None"]
 
 def convert(model: nn.Module, norm: str, num_groups: int = 4, virtual_batches: int = 1, *,
             skip: tuple[type[nn.Module], ...] = (), report: bool = False,
-            dry_run: bool = False, **options
+            dry_run: bool = False, **options: Any
             ) -> nn.Module | tuple[nn.Module, dict[str, str]] | dict[str, str]:
     """Replace every normalization layer of ``model`` by ``make_norm(norm, ...)``, or with
     ``norm="torch"`` turn normlab's layers back into PyTorch's (``to_torch``).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -121,7 +122,7 @@ def check_norm(norm: str) -> None:
 
 
 def make_norm(norm: str, channels: int, num_groups: int = 4, virtual_batches: int = 1,
-              dims: int | None = 2, **options) -> nn.Module:
+              dims: int | None = 2, **options: Any) -> nn.Module:
     """The normalization layer called ``norm`` for ``channels`` channels of a ``dims``-D map
     (1, 2 or 3; None: any). For the names in ``ACT_NORMS`` the layer is also the activation.
 
