@@ -29,7 +29,7 @@ from torch import nn
 from conftest import TIMEOUT, cli_error, finish, free_port, launch, wait_for
 from normlab import distributed, runner
 from normlab.checkpoint import read_weights
-from normlab.engine import check_split
+from normlab.engine import virtual_batches_per_process
 from normlab.norms import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm2d, make_norm
 
 TESTS = Path(__file__).resolve().parent
@@ -348,14 +348,15 @@ def test_a_global_batch_the_ranks_cannot_share_is_refused():
     "normlab compare: rank 0: error: ...", as the bad-data test above shows)."""
     with pytest.raises(ValueError, match=r"the global batch of 33 images does not split over "
                                          r"2 processes; choose a --batch-size that 2 divides"):
-        check_split(1024, 33, 2)
+        virtual_batches_per_process(1024, 33, 2)
     with pytest.raises(ValueError, match=r"the last batch holds 1 of the 1,025 training "
                                          r"images, too few to give each of 2 parts one"):
-        check_split(1025, 64, 2)
+        virtual_batches_per_process(1025, 64, 2)
     with pytest.raises(ValueError, match=r"--virtual-batch-size 24 does not divide the batch "
                                          r"of 32 images per process \(64 over 2\)"):
-        check_split(1024, 64, 2, 24)
-    assert check_split(1001, 64, 2, 16) == 2  # 41 in the last batch: 4 parts of 10 or 11
+        virtual_batches_per_process(1024, 64, 2, 24)
+    # 41 images in the last batch: 4 parts of 10 or 11
+    assert virtual_batches_per_process(1001, 64, 2, 16) == 2
 
 
 # -- --jobs ------------------------------------------------------------------------------

@@ -133,6 +133,44 @@ def test_train_model_is_reproducible_and_records_every_epoch(tmp_path):
     assert other["train_loss"] != h1["train_loss"]
 
 
+def test_hooks_see_every_step_and_epoch_and_end_even_when_training_stops(tmp_path):
+    """A Hook's before_step gets the scheduler's step count before each step, after_epoch the
+    history's row, after_train runs once however training ends; a TrainConfig trains exactly
+    as the same settings passed by name."""
+    spec = write_dataset(tmp_path, n_train=96, n_test=40)
+    data = load_data(tmp_path, spec)
+
+    class Recorder(engine.Hook):
+        def __init__(self):
+            self.steps, self.rows, self.ended = [], [], 0
+
+        def before_step(self, step):
+            self.steps.append(step)
+
+        def after_epoch(self, epoch, row):
+            self.rows.append((epoch, row))
+            if epoch == 1 and stop:
+                raise KeyboardInterrupt
+
+        def after_train(self):
+            self.ended += 1
+
+    common = dict(data=data, device="cpu", progress=False)
+    stop, hook = False, Recorder()
+    config = engine.TrainConfig("layer", epochs=2, seed=3, batch_size=32)
+    _, history = train_model(config, hooks=[hook], **common)
+    assert hook.steps == list(range(6)) and hook.ended == 1  # 3 batches a epoch, 2 epochs
+    assert [e for e, _ in hook.rows] == [1, 2]
+    assert [r["test_acc"] for _, r in hook.rows] == history["test_acc"]
+    by_name = train_model("layer", epochs=2, seed=3, batch_size=32, **common)[1]
+    assert {k: v for k, v in by_name.items() if k != "epoch_time"} == \
+           {k: v for k, v in history.items() if k != "epoch_time"}
+    stop, hook = True, Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        train_model(config, hooks=[hook], **common)
+    assert hook.ended == 1 and len(hook.rows) == 1
+
+
 def test_train_model_rejects_bad_settings():
     with pytest.raises(ValueError, match="epochs must be positive"):
         train_model(epochs=0)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -162,7 +163,7 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
           optimizer: torch.optim.Optimizer, lambda_l1: float = 0.0,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
           desc: str | None = None, progress: bool = True, precision: str = "fp32",
-          graph: CudaGraphStep | None = None, renorm: RenormSchedule | None = None
+          graph: CudaGraphStep | None = None, hooks: Sequence[Hook] = ()
           ) -> tuple[float, float]:
     """One epoch of training: (mean data loss, accuracy %) over the epoch's batches.
 
@@ -171,8 +172,8 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
     The reported loss is the NLL alone, so variants with and without L1 stay comparable.
     ``precision="bf16"`` runs the forward pass under bfloat16 autocast. ``graph`` (on a
     CUDA device, float32, one process) replays full batches from a CUDA graph; pass the same
-    one every epoch. ``renorm`` sets Batch Renorm's limits before every step from the
-    scheduler's step count.
+    one every epoch. Each of ``hooks`` has its ``before_step`` called before every step with
+    the scheduler's step count (Batch Renorm's schedule sets its limits there).
 
     Data-parallel (``model`` a ``DistributedDataParallel``, ``loader`` sharded): each rank's
     loss is weighted by its share of the global batch, so DDP's gradient average is the
@@ -187,8 +188,8 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
     for batch, (x, y) in enumerate(bar, 1):
         x, y = x.to(device), y.to(device)
-        if renorm is not None:
-            renorm.update(scheduler.last_epoch)
+        for hook in hooks:
+            hook.before_step(scheduler.last_epoch)
         if graph is not None and graph.fits(x):
             graph(x, y, optimizer)
         else:
@@ -316,26 +317,124 @@ def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: in
     return optimizer, scheduler
 
 
-def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4,
-                epochs: int = DEFAULTS["epochs"], seed: int = DEFAULTS["seed"],
-                batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
-                momentum: float = DEFAULTS["momentum"],
-                weight_decay: float = DEFAULTS["weight_decay"],
-                dropout: float = DEFAULTS["dropout"], device: str | torch.device | None = None,
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what one training run computes, in one frozen object (as
+    nanoGPT keeps it): ``train_model`` trains it, and its checkpoint is keyed by it, so a
+    checkpoint is only ever continued by the run that made it."""
+
+    norm: str = "batch"
+    lambda_l1: float = 0.0
+    num_groups: int = DEFAULTS["num_groups"]
+    epochs: int = DEFAULTS["epochs"]
+    seed: int = DEFAULTS["seed"]
+    batch_size: int = DEFAULTS["batch_size"]
+    lr: float = DEFAULTS["lr"]
+    momentum: float = DEFAULTS["momentum"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    dropout: float = DEFAULTS["dropout"]
+    precision: str = DEFAULTS["precision"]
+    architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE
+    virtual_batch_size: int | None = None  # images per Batch Norm statistic (None: all)
+    weight_std: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.lambda_l1 < 0:
+            raise ValueError(f"the L1 weight must be >= 0, got {self.lambda_l1}")
+
+    def checkpoint_key(self, precision: str, train_images: int, world: int) -> dict[str, Any]:
+        """What must match for a checkpoint to be continued: the settings, the precision as
+        resolved, the data's size and the world size. Settings at their default that older
+        checkpoints did not record (world size 1, no virtual batches, no WS) are left out,
+        so those checkpoints still resume."""
+        key = dict(norm=self.norm, num_groups=self.num_groups, dropout=self.dropout,
+                   lambda_l1=self.lambda_l1,
+                   architecture=[list(layer) for layer in self.architecture],
+                   epochs=self.epochs, seed=self.seed, batch_size=self.batch_size, lr=self.lr,
+                   momentum=self.momentum, weight_decay=self.weight_decay,
+                   precision=precision, train_images=train_images)
+        key.update({k: v for k, v in (("world_size", world),
+                                      ("virtual_batch_size", self.virtual_batch_size))
+                    if v not in (None, 1)})
+        if self.weight_std:
+            key["weight_std"] = True
+        return key
+
+
+class Hook:
+    """Something to do at fixed points of training, as detectron2's ``HookBase``: before
+    every step (with the number of steps taken), after every epoch (with its numbers) and
+    once when training ends, finished or not (to close what the hook opened).
+    ``changes_steps`` says whether ``before_step`` changes what a step computes (a CUDA
+    graph, which replays the first step as captured, then cannot be used)."""
+
+    changes_steps = False
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        pass
+
+    def after_train(self) -> None:
+        pass
+
+
+class RenormHook(Hook):
+    """Batch Renorm's limits on the paper's schedule (``RenormSchedule``), set before every
+    step: a function of the step alone, so a resumed run continues exactly."""
+
+    changes_steps = True
+
+    def __init__(self, schedule: RenormSchedule) -> None:
+        self.schedule = schedule
+
+    def before_step(self, step: int) -> None:
+        self.schedule.update(step)
+
+
+class EpochCallback(Hook):
+    """``on_epoch(epoch, row)`` after every epoch: train_model's keyword, as a hook."""
+
+    def __init__(self, on_epoch: Callable[[int, dict[str, float]], None]) -> None:
+        self.on_epoch = on_epoch
+
+    def after_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        self.on_epoch(epoch, row)
+
+
+@dataclass
+class _Training:
+    """One run's moving parts, made by ``_prepare``."""
+
+    net: Net
+    model: nn.Module  # net, or net in DistributedDataParallel
+    train_loader: Loader
+    test_loader: Loader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    key: dict[str, Any]
+    rank: int
+    world: int
+
+
+def train_model(config: TrainConfig | str = "batch", *, device: str | torch.device | None = None,
                 data: Data | None = None, data_dir: str | None = None,
                 limit_train: int | None = None, name: str | None = None,
-                progress: bool = True,
+                progress: bool = True, checkpoint: str | Path | None = None,
+                hooks: Sequence[Hook] = (), cuda_graph: bool = True,
                 on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-                checkpoint: str | Path | None = None,
-                precision: str = DEFAULTS["precision"],
-                architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE,
-                virtual_batch_size: int | None = None, cuda_graph: bool = True,
-                weight_std: bool = False) -> tuple[Net, History]:
+                **settings: Any) -> tuple[Net, History]:
     """Train one model from scratch; returns it with per-epoch losses, accuracies and times.
 
     Example: ``model, history = train_model("group", epochs=20, seed=1)``, then
     ``history["test_acc"][-1]`` is the final test accuracy (%). ``history`` holds lists
     ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``, ``lr`` and ``epoch_time``.
+    The first argument is a ``TrainConfig`` or a norm's name; ``settings`` are
+    ``TrainConfig``'s fields (``lambda_l1``, ``epochs``, ``seed``, ``batch_size``, ``lr``,
+    ``virtual_batch_size``, ``weight_std``, ...), over the config's.
 
     Pass ``data`` (from ``load_data``) to reuse one in-memory copy across models; otherwise
     MNIST is loaded from ``data_dir`` (first ``limit_train`` training images).
@@ -343,7 +442,9 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     The optimiser and schedule come from ``make_optimizer``. ``precision`` "bf16" trains in
     bfloat16 mixed precision, "auto" does so where the hardware has it (see
     ``resolve_precision``); the default is float32 (docs/performance.md says why).
-    ``on_epoch(epoch, row)`` is called after each epoch with that epoch's numbers.
+    ``hooks`` (``Hook``) run before every step, after every epoch and at the end; ``on_epoch(epoch,
+    row)`` is one, called after each epoch with that epoch's numbers. Batch Renorm's limits
+    follow ``RenormSchedule`` (a hook train_model adds itself).
 
     With ``checkpoint``, the full training state (model, optimiser, schedule, RNG states,
     history) is saved there atomically after every epoch, and an existing checkpoint is
@@ -351,7 +452,7 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
 
     ``virtual_batch_size=B``: Batch Norm computes its training statistics over each B images
     of a batch, as batch/B devices would (``norms.BatchNorm2d``). ``weight_std``: Weight
-    Standardization (``norms.StdConv2d``). Batch Renorm's limits follow ``RenormSchedule``.
+    Standardization (``norms.StdConv2d``).
 
     On a CUDA device, in float32 and one process, full batches train through a CUDA graph
     (``CudaGraphStep``; ``cuda_graph=False`` turns it off): the same computation, launched
@@ -362,76 +463,87 @@ def train_model(norm: str = "batch", lambda_l1: float = 0.0, num_groups: int = 4
     ``DistributedDataParallel``, only rank 0 writes the checkpoint, and every rank returns
     the same model and history.
     """
-    if epochs <= 0:
-        raise ValueError(f"epochs must be positive, got {epochs}")
-    if lambda_l1 < 0:
-        raise ValueError(f"the L1 weight must be >= 0, got {lambda_l1}")
+    config = TrainConfig(norm=config, **settings) if isinstance(config, str) \
+        else replace(config, **settings)
     device = device if isinstance(device, torch.device) else select_device(device)
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(config.precision, device)
     if data is None:
         data = load_data(data_dir, limit_train=limit_train)
+    t = _prepare(config, precision, device, data)
+    done, history = 0, {k: [] for k in HISTORY_KEYS}
+    state = _read_checkpoint(checkpoint, t.rank, t.world)
+    if state is not None:
+        done, history = load_training_state(checkpoint, t.key, t.net, t.optimizer,
+                                            t.scheduler, t.train_loader.generator, state)
+    renorm = RenormSchedule(t.net, config.epochs * len(t.train_loader))
+    hooks = [*([RenormHook(renorm)] if renorm.layers else []), *hooks,
+             *([EpochCallback(on_epoch)] if on_epoch is not None else [])]
+    # A hook that changes the steps (Batch Renorm's limits) rules out replaying a graph.
+    graph = graph_step(t.net, config.lambda_l1, device, precision, t.world) \
+        if cuda_graph and not any(h.changes_steps for h in hooks) else None
+    try:
+        for epoch in range(done + 1, config.epochs + 1):
+            row = _epoch(t, config, precision, device, graph, hooks, epoch,
+                         name or config.norm, progress)
+            for key, value in row.items():
+                history[key].append(value)
+            if checkpoint is not None and t.rank == 0:
+                save_training_state(checkpoint, t.key, epoch, t.net, t.optimizer,
+                                    t.scheduler, t.train_loader.generator, history)
+            for hook in hooks:
+                hook.after_epoch(epoch, row)
+    finally:
+        for hook in hooks:
+            hook.after_train()
+    return t.net, history
+
+
+HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time")
+
+
+def _prepare(config: TrainConfig, precision: str, device: torch.device, data: Data
+             ) -> _Training:
+    """The seeded model (in DDP under torchrun), its loaders, optimiser and schedule."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    parts = check_split(len(data.train_labels), batch_size, world, virtual_batch_size)
-    torch.manual_seed(seed)
-    net = Net(norm, num_groups=num_groups, dropout=dropout, architecture=architecture,
-              virtual_batches=parts, weight_std=weight_std).to(device)
+    parts = virtual_batches_per_process(len(data.train_labels), config.batch_size, world,
+                                        config.virtual_batch_size)
+    torch.manual_seed(config.seed)
+    net = Net(config.norm, num_groups=config.num_groups, dropout=config.dropout,
+              architecture=config.architecture, virtual_batches=parts,
+              weight_std=config.weight_std).to(device)
     # Plain Batch Norm keeps per-device running statistics: no buffer broadcasts each step,
     # an average once an epoch instead (distributed.average_running_stats).
     model = net if world == 1 else DistributedDataParallel(
         net, device_ids=[device] if device.type == "cuda" else None, **_NO_BUFFER_SYNC)
-    train_loader, test_loader = make_loaders(data, batch_size, seed, device,
+    train_loader, test_loader = make_loaders(data, config.batch_size, config.seed, device,
                                              shard=(rank, world))
-    optimizer, scheduler = make_optimizer(net, lr, epochs, len(train_loader), momentum,
-                                          weight_decay)
-    history: History = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc",
-                                        "lr", "epoch_time")}
-    name = name or norm
-    # Everything that must match for a checkpoint to be continued by this call (world size
-    # and virtual batches change Batch Norm's statistics; named only when not the default,
-    # so checkpoints of earlier versions still resume).
-    config = dict(norm=norm, num_groups=num_groups, dropout=dropout, lambda_l1=lambda_l1,
-                  architecture=[list(layer) for layer in net.architecture],
-                  epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, momentum=momentum,
-                  weight_decay=weight_decay, precision=precision,
-                  train_images=len(train_loader.labels))
-    config.update({k: v for k, v in (("world_size", world), ("virtual_batch_size",
-                                     virtual_batch_size)) if v not in (None, 1)})
-    if weight_std:
-        config["weight_std"] = True
-    done = 0
-    state = _read_checkpoint(checkpoint, rank, world)
-    if state is not None:
-        done, history = load_training_state(checkpoint, config, net, optimizer, scheduler,
-                                            train_loader.generator, state)
-    renorm = RenormSchedule(net, epochs * len(train_loader))
-    renorm = renorm if renorm.layers else None
-    # Batch Renorm's limits change every step: a captured graph would keep the first ones.
-    graph = graph_step(net, lambda_l1, device, precision, world) \
-        if cuda_graph and renorm is None else None
-    for epoch in range(done + 1, epochs + 1):
-        start = time.perf_counter()
-        lr_now = optimizer.param_groups[0]["lr"]
-        try:
-            train_loss, train_acc = train(model, device, train_loader, optimizer, lambda_l1,
-                                          scheduler, desc=f"{name} {epoch}/{epochs}",
-                                          progress=progress and rank == 0, precision=precision,
-                                          graph=graph, renorm=renorm)
-        except FloatingPointError as exc:
-            raise TrainingDiverged(f"{name}: {exc} in epoch {epoch}; try a lower --lr"
-                                   f"{' or --l1' if lambda_l1 else ''}") from None
-        if world > 1:
-            distributed.average_running_stats(net)
-        test_loss, test_acc = test(net, device, test_loader, precision)
-        row = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
-                   test_acc=test_acc, lr=lr_now, epoch_time=time.perf_counter() - start)
-        for key, value in row.items():
-            history[key].append(value)
-        if checkpoint is not None and rank == 0:
-            save_training_state(checkpoint, config, epoch, net, optimizer, scheduler,
-                                train_loader.generator, history)
-        if on_epoch is not None:
-            on_epoch(epoch, row)
-    return net, history
+    optimizer, scheduler = make_optimizer(net, config.lr, config.epochs, len(train_loader),
+                                          config.momentum, config.weight_decay)
+    key = config.checkpoint_key(precision, len(train_loader.labels), world)
+    return _Training(net, model, train_loader, test_loader, optimizer, scheduler, key, rank,
+                     world)
+
+
+def _epoch(t: _Training, config: TrainConfig, precision: str, device: torch.device,
+           graph: CudaGraphStep | None, hooks: Sequence[Hook], epoch: int, name: str,
+           progress: bool) -> dict[str, float]:
+    """Train one epoch and test; the epoch's row of the history."""
+    start = time.perf_counter()
+    lr_now = t.optimizer.param_groups[0]["lr"]
+    try:
+        train_loss, train_acc = train(t.model, device, t.train_loader, t.optimizer,
+                                      config.lambda_l1, t.scheduler,
+                                      desc=f"{name} {epoch}/{config.epochs}",
+                                      progress=progress and t.rank == 0, precision=precision,
+                                      graph=graph, hooks=hooks)
+    except FloatingPointError as exc:
+        raise TrainingDiverged(f"{name}: {exc} in epoch {epoch}; try a lower --lr"
+                               f"{' or --l1' if config.lambda_l1 else ''}") from None
+    if t.world > 1:
+        distributed.average_running_stats(t.net)
+    test_loss, test_acc = test(t.net, device, t.test_loader, precision)
+    return dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+                test_acc=test_acc, lr=lr_now, epoch_time=time.perf_counter() - start)
 
 
 # DDP must not copy rank 0's buffers to the others every step. torch >= 2.13 spells this
@@ -441,8 +553,8 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                    else {"broadcast_buffers": False})
 
 
-def check_split(train_images: int, batch_size: int, world: int = 1,
-                virtual_batch_size: int | None = None) -> int:
+def virtual_batches_per_process(train_images: int, batch_size: int, world: int = 1,
+                                virtual_batch_size: int | None = None) -> int:
     """Check that every batch can be cut into ``world`` device parts and each part into
     virtual batches; return how many virtual batches each process's batch holds (1: none).
 

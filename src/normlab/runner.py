@@ -20,10 +20,10 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,9 +37,16 @@ from .checkpoint import write_json
 from .data import Data
 from .device import resolve_precision, select_device
 from .distributed import Ranks
-from .engine import TrainingDiverged, check_split, train_model
+from .engine import (
+    Hook,
+    TrainConfig,
+    TrainingDiverged,
+    train_model,
+    virtual_batches_per_process,
+)
 from .errors import CheckpointError, DataError, UsageError, WorkerDied, error_line
 from .experiments.base import Experiment, Run, Settings
+from .folder import apply_config, open_resume, prepare_out, run_lock
 from .model import Net
 from .norms import NORMS
 from .provenance import environment
@@ -65,48 +72,60 @@ def execute(run: Run, experiment: Experiment, s: Settings, data: Data, device: t
     """Train ``run`` (resuming its checkpoint if any) and return what ``experiment`` keeps
     of it."""
     variant = VARIANTS[run.variant]
-    board = _board(s, run)
-
-    def log(epoch: int, row: dict[str, float]) -> None:
-        if board is not None:
-            for name, value in (("loss/train", row["train_loss"]),
-                                (f"loss/{data.eval_split}", row["test_loss"]),
-                                ("accuracy/train", row["train_acc"]),
-                                (f"accuracy/{data.eval_split}", row["test_acc"]),
-                                ("learning_rate", row["lr"])):
-                board.add_scalar(name, value, epoch)
-            board.flush()  # so that a live `tensorboard --logdir` shows every epoch
-        if s.writes and experiment.epoch_lines:
-            tqdm.write(f"  {run.label} epoch {epoch:2d}/{s.epochs}  lr {row['lr']:.4f}  "
-                       f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
-                       f"{data.eval_split} loss {row['test_loss']:.4f} "
-                       f"acc {row['test_acc']:6.2f}%  {row['epoch_time']:5.1f}s")
-
+    config = TrainConfig(
+        variant.norm, lambda_l1=s.lambda_l1 if variant.l1 else 0.0, num_groups=s.num_groups,
+        epochs=s.epochs, seed=run.seed, batch_size=run.batch_size, lr=run.lr,
+        precision=s.precision, weight_std=variant.weight_std,
+        virtual_batch_size=run.virtual_batch_size_given(s.virtual_batch_size))
+    hooks: list[Hook] = []
+    if s.writes and experiment.epoch_lines:
+        hooks.append(EpochLines(run.label, s.epochs, data.eval_split))
+    if s.writes and s.tensorboard is not None:
+        hooks.append(TensorBoard(s.tensorboard / run.stem, data.eval_split))
     try:
-        model, history = train_model(
-            variant.norm, lambda_l1=s.lambda_l1 if variant.l1 else 0.0,
-            num_groups=s.num_groups, epochs=s.epochs, seed=run.seed, batch_size=run.batch_size,
-            lr=run.lr, device=device, data=data, name=run.label, progress=s.progress,
-            on_epoch=log, checkpoint=checkpoint_of(s.out, run), precision=s.precision,
-            virtual_batch_size=run.split(s.virtual_batch_size), weight_std=variant.weight_std)
+        model, history = train_model(config, device=device, data=data, name=run.label,
+                                     progress=s.progress, checkpoint=checkpoint_of(s.out, run),
+                                     hooks=hooks)
     except TrainingDiverged as exc:
         if s.writes:
             print(f"normlab {experiment.name}: error: {exc}; carrying on with the other runs",
                   file=sys.stderr)
         return experiment.failed(run, str(exc), data, s)
-    finally:
-        if board is not None:
-            board.close()
     return experiment.result(run, model, history, data, device, s)
 
 
-def _board(s: Settings, run: Run):
-    """A TensorBoard writer for this run (rank 0 only), or None."""
-    if s.tensorboard is None or not s.writes:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
+class EpochLines(Hook):
+    """One printed line per finished epoch (rank 0, experiments that print epochs)."""
 
-    return SummaryWriter(log_dir=str(s.tensorboard / run.stem))
+    def __init__(self, label: str, epochs: int, split: str) -> None:
+        self.label, self.epochs, self.split = label, epochs, split
+
+    def after_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        tqdm.write(f"  {self.label} epoch {epoch:2d}/{self.epochs}  lr {row['lr']:.4f}  "
+                   f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
+                   f"{self.split} loss {row['test_loss']:.4f} "
+                   f"acc {row['test_acc']:6.2f}%  {row['epoch_time']:5.1f}s")
+
+
+class TensorBoard(Hook):
+    """Each epoch's losses, accuracies and learning rate for ``tensorboard --logdir``."""
+
+    def __init__(self, folder: Path, split: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.board, self.split = SummaryWriter(log_dir=str(folder)), split
+
+    def after_epoch(self, epoch: int, row: dict[str, float]) -> None:
+        for name, value in (("loss/train", row["train_loss"]),
+                            (f"loss/{self.split}", row["test_loss"]),
+                            ("accuracy/train", row["train_acc"]),
+                            (f"accuracy/{self.split}", row["test_acc"]),
+                            ("learning_rate", row["lr"])):
+            self.board.add_scalar(name, value, epoch)
+        self.board.flush()  # so that a live `tensorboard --logdir` shows every epoch
+
+    def after_train(self) -> None:
+        self.board.close()
 
 
 # -- --jobs: independent runs in worker processes
@@ -184,75 +203,6 @@ def launch_torchrun(processes: int, argv: list[str]) -> int:
             process.terminate()
             process.wait()
         raise
-
-
-# -- the output folder
-
-def prepare_out(out: Path | None, kind: str, record: str) -> Path:
-    """Create the output folder (a fresh one under runs/ by default) and prove it writable."""
-    if out is None:
-        out = Path("runs") / datetime.now().strftime(f"%Y%m%d-%H%M%S-{kind}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    if (out / record).exists():
-        raise UsageError(f"--out {out} already holds a run ({record}); continue it with "
-                         f"--resume {out}, or choose another folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".normlab-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"cannot write to --out {out} ({exc.strerror}); choose a writable "
-                         f"folder") from None
-    return out
-
-
-def open_resume(args: argparse.Namespace, record: str) -> dict[str, Any]:
-    """Load ``record`` from the run folder ``args.resume`` and put its settings into ``args``.
-
-    A resumed run uses the run's own settings, not this command line's defaults.
-    """
-    out = args.resume
-    path = out / record
-    if not out.is_dir():
-        raise UsageError(f"--resume {out}: no such folder")
-    if not path.exists():
-        raise UsageError(f"--resume {out}: not a normlab {args.command} folder (no {record}); "
-                         f"start a new run with --out")
-    try:
-        results = json.loads(path.read_text())
-        config = results["config"]
-        for key in ("variants", "epochs", "lambda_l1", "num_groups", "dataset"):
-            config[key]  # noqa: B018 - presence check
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot resume "
-                         f"from it: start a new run with --out") from None
-    apply_config(args, config)
-    return results
-
-
-def apply_config(args: argparse.Namespace, config: dict[str, Any]) -> None:
-    for key, value in config.items():
-        setattr(args, {"lambda_l1": "l1", "seed": "seeds"}.get(key, key),
-                [value] if key == "seed" else value)  # records before --seeds had one
-
-
-@contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out`` so that two runs never write into one folder."""
-    try:
-        import fcntl
-    except ImportError:  # Windows has no fcntl: run without the lock
-        yield
-        return
-    with open(out / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another normlab run is writing to {out}; wait for it to finish "
-                             f"or choose another --out") from None
-        yield
 
 
 # -- how the runs are spread: devices, --jobs, threads
@@ -379,95 +329,133 @@ def _on_every_rank(ranks: Ranks, step: Callable[[], Any]) -> Any:
 
 
 def _run(experiment: Experiment, ranks: Ranks, device: torch.device, stack: ExitStack) -> int:
-    args = experiment.args
+    """The phases of one experiment, in order (as detectron2's ``train_loop`` outlines a
+    training): each is a method of ``_Phases`` below."""
+    phases = _Phases(experiment, ranks, device)
+    phases.open_folder(stack)  # rank 0: a new output folder or the one to resume, locked
+    phases.load_data()  # every rank; checks that the runs can be split as asked
+    phases.start_record()  # command, settings, machine, how the runs are parallel
+    phases.train_unfinished()  # each run kept in the record as it finishes
+    return phases.finish()  # the experiment's last step, figures and report, from the record
 
-    def prepare() -> tuple[dict[str, Any] | None, Path]:
-        if not ranks.leader:
-            return None, Path(".")
-        record = open_resume(args, experiment.record_name) if args.resume else None
-        out = args.resume or prepare_out(args.out, experiment.name, experiment.record_name)
-        stack.enter_context(run_lock(out))
-        return record, out
 
-    record, out = _on_every_rank(ranks, prepare)
-    if ranks.distributed:  # the others learn the run's settings and folder from rank 0
-        shared = json.loads(distributed.broadcast_bytes(
-            json.dumps({"record": record, "out": str(out)}).encode() if ranks.leader else None))
-        record, out = shared["record"], Path(shared["out"])
-        if record is not None:
-            apply_config(args, record["config"])
-    args.out = out  # named in the message if interrupted
-    data = _on_every_rank(ranks, lambda: _load_and_check(experiment, record, ranks))
-    args.precision = resolve_precision(args.precision, device)
-    runs = experiment.runs()
-    args.jobs = resolve_jobs(args.jobs, runs, device, ranks, args.epochs * len(data.train_labels))
-    threads = _set_threads(args, ranks)
-    if record is None:
-        record = {"command": shlex.join(["normlab", *args.argv]),
-                  "started": datetime.now(UTC).isoformat(timespec="seconds"),
-                  **experiment.new_record(data)}
-        record["config"].update(world_size=ranks.world_size,
-                                virtual_batch_size=args.virtual_batch_size)
-    if "environment" not in record:
-        record["environment"] = environment(device)
-        record["environment"]["torch_threads"] = threads  # what each run trained with
-    todo = [r for r in runs if not experiment.finished(record, r)]
-    parallel = dict(
-        world_size=ranks.world_size, nodes=ranks.nodes, backend=ranks.backend,
-        images_per_device=experiment.images_per_device(ranks.world_size), jobs=args.jobs,
-        threads_per_process=threads)
-    # Like "environment", "parallel" says how the runs were trained: a resume keeps it, and
-    # notes the runs it trains in another way (a resume that trains nothing, e.g. to redo
-    # an experiment's last step, changes nothing).
-    if not args.resume:
-        record["parallel"] = parallel
-    elif todo and parallel != record.get("parallel"):
-        record.setdefault("resumed_parallel", []).append(
-            {"parallel": parallel, "runs": [run.key for run in todo]})
-    if ranks.leader:
-        write_json(out / experiment.record_name, record)
-        (out / "checkpoints").mkdir(exist_ok=True)
-        print(experiment.announce(data, device, "resuming" if args.resume else "writing to",
-                                  out) + _parallel_note(ranks, args.jobs, threads))
-    settings = Settings(out, args.epochs, args.l1, args.num_groups, args.precision,
-                        args.virtual_batch_size, not args.no_progress,
-                        record["environment"]["git_revision"], args.tensorboard,
-                        writes=ranks.leader, world_size=ranks.world_size)
-    count = {"done": len(runs) - len(todo)}
-    # An experiment that prints every epoch announces each run as it starts; otherwise (and
-    # with --jobs, whose runs interleave) one line per finished run says how it went.
-    starts = ranks.leader and experiment.epoch_lines
+class _Phases:
+    """The state one experiment's phases pass on: its record, folder, data and runs."""
 
-    def on_done(run: Run, result: dict[str, Any]) -> None:
-        count["done"] += 1
-        if not ranks.leader:
+    def __init__(self, experiment: Experiment, ranks: Ranks, device: torch.device) -> None:
+        self.experiment, self.ranks, self.device = experiment, ranks, device
+        self.args = experiment.args
+        self.record: dict[str, Any] | None = None
+        self.out = Path(".")
+
+    def open_folder(self, stack: ExitStack) -> None:
+        args, ranks = self.args, self.ranks
+
+        def prepare() -> tuple[dict[str, Any] | None, Path]:
+            if not ranks.leader:
+                return None, Path(".")
+            record = open_resume(args, self.experiment.record_name) if args.resume else None
+            out = args.resume or prepare_out(args.out, self.experiment.name,
+                                             self.experiment.record_name)
+            stack.enter_context(run_lock(out))
+            return record, out
+
+        self.record, self.out = _on_every_rank(ranks, prepare)
+        if ranks.distributed:  # the others learn the run's settings and folder from rank 0
+            shared = json.loads(distributed.broadcast_bytes(
+                json.dumps({"record": self.record, "out": str(self.out)}).encode()
+                if ranks.leader else None))
+            self.record, self.out = shared["record"], Path(shared["out"])
+            if self.record is not None:
+                apply_config(args, self.record["config"])
+        args.out = self.out  # named in the message if interrupted
+
+    def load_data(self) -> None:
+        self.data = _on_every_rank(
+            self.ranks, lambda: _load_and_check(self.experiment, self.record, self.ranks))
+
+    def start_record(self) -> None:
+        args, ranks, data = self.args, self.ranks, self.data
+        args.precision = resolve_precision(args.precision, self.device)
+        self.runs = self.experiment.runs()
+        args.jobs = resolve_jobs(args.jobs, self.runs, self.device, ranks,
+                                 args.epochs * len(data.train_labels))
+        self.threads = _set_threads(args, ranks)
+        if self.record is None:
+            self.record = {"command": shlex.join(["normlab", *args.argv]),
+                           "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                           **self.experiment.new_record(data)}
+            self.record["config"].update(world_size=ranks.world_size,
+                                         virtual_batch_size=args.virtual_batch_size)
+        record = self.record
+        if "environment" not in record:
+            record["environment"] = environment(self.device)
+            record["environment"]["torch_threads"] = self.threads  # what each run trained with
+        self.todo = [r for r in self.runs if not self.experiment.finished(record, r)]
+        parallel = dict(
+            world_size=ranks.world_size, nodes=ranks.nodes, backend=ranks.backend,
+            images_per_device=self.experiment.images_per_device(ranks.world_size),
+            jobs=args.jobs, threads_per_process=self.threads)
+        # Like "environment", "parallel" says how the runs were trained: a resume keeps it,
+        # and notes the runs it trains in another way (a resume that trains nothing, e.g. to
+        # redo an experiment's last step, changes nothing).
+        if not args.resume:
+            record["parallel"] = parallel
+        elif self.todo and parallel != record.get("parallel"):
+            record.setdefault("resumed_parallel", []).append(
+                {"parallel": parallel, "runs": [run.key for run in self.todo]})
+        if ranks.leader:
+            write_json(self.out / self.experiment.record_name, record)
+            (self.out / "checkpoints").mkdir(exist_ok=True)
+            print(self.experiment.announce(data, self.device,
+                                           "resuming" if args.resume else "writing to",
+                                           self.out)
+                  + _parallel_note(ranks, args.jobs, self.threads))
+        self.done = len(self.runs) - len(self.todo)
+
+    def train_unfinished(self) -> None:
+        args, ranks, runs = self.args, self.ranks, self.runs
+        settings = Settings(self.out, args.epochs, args.l1, args.num_groups, args.precision,
+                            args.virtual_batch_size, not args.no_progress,
+                            self.record["environment"]["git_revision"], args.tensorboard,
+                            writes=ranks.leader, world_size=ranks.world_size)
+        # An experiment that prints every epoch announces each run as it starts; otherwise
+        # (and with --jobs, whose runs interleave) one line per finished run says how it went.
+        starts = ranks.leader and self.experiment.epoch_lines
+        if starts:
+            for i, run in enumerate(runs, 1):
+                if run not in self.todo:
+                    print(f"[{i}/{len(runs)}] {run.variant}: {VARIANTS[run.variant].label}, "
+                          f"seed {run.seed} - finished earlier, kept")
+        if args.jobs > 1:
+            run_parallel(self.todo, self.experiment, settings, self.data, self.device,
+                         args.jobs, self.threads, self.keep)
             return
-        experiment.keep(record, run, result)
-        write_json(out / experiment.record_name, record)  # finished runs survive what follows
-        checkpoint_of(out, run).unlink(missing_ok=True)
-        if args.jobs > 1 or not experiment.epoch_lines:
-            tqdm.write(f"[{count['done']}/{len(runs)}] {run.label} seed {run.seed}  "
-                       f"{experiment.outcome(result)}")
-
-    if starts:
-        for i, run in enumerate(runs, 1):
-            if run not in todo:
-                print(f"[{i}/{len(runs)}] {run.variant}: {VARIANTS[run.variant].label}, "
-                      f"seed {run.seed} - finished earlier, kept")
-    if args.jobs > 1:
-        run_parallel(todo, experiment, settings, data, device, args.jobs, threads, on_done)
-    else:
-        for run in todo:
+        for run in self.todo:
             if starts:
                 print(f"[{runs.index(run) + 1}/{len(runs)}] {run.variant}: "
                       f"{VARIANTS[run.variant].label}, seed {run.seed}")
-            on_done(run, execute(run, experiment, settings, data, device))
-    if ranks.leader:
-        if not any((out / "checkpoints").iterdir()):
-            (out / "checkpoints").rmdir()
-        experiment.after(out, record, data, device)
-        experiment.render(out, record)
-    return experiment.exit_code(record)
+            self.keep(run, execute(run, self.experiment, settings, self.data, self.device))
+
+    def keep(self, run: Run, result: dict[str, Any]) -> None:
+        """A finished run into the record on disk at once: it survives what follows."""
+        self.done += 1
+        if not self.ranks.leader:
+            return
+        self.experiment.keep(self.record, run, result)
+        write_json(self.out / self.experiment.record_name, self.record)
+        checkpoint_of(self.out, run).unlink(missing_ok=True)
+        if self.args.jobs > 1 or not self.experiment.epoch_lines:
+            tqdm.write(f"[{self.done}/{len(self.runs)}] {run.label} seed {run.seed}  "
+                       f"{self.experiment.outcome(result)}")
+
+    def finish(self) -> int:
+        if self.ranks.leader:
+            if not any((self.out / "checkpoints").iterdir()):
+                (self.out / "checkpoints").rmdir()
+            self.experiment.after(self.out, self.record, self.data, self.device)
+            self.experiment.render(self.out, self.record)
+        return self.experiment.exit_code(self.record)
 
 
 def _load_and_check(experiment: Experiment, record: dict[str, Any] | None, ranks: Ranks
@@ -482,7 +470,8 @@ def _load_and_check(experiment: Experiment, record: dict[str, Any] | None, ranks
                          f"{ranks.world_size}; resume it the same way: {launch} "
                          f"{experiment.name} --resume {args.out}")
     data = experiment.load()
-    splits = {(r.batch_size, r.split(args.virtual_batch_size)) for r in experiment.runs()}
+    splits = {(r.batch_size, r.virtual_batch_size_given(args.virtual_batch_size))
+              for r in experiment.runs()}
     for batch, virtual in sorted(splits, key=str):
-        check_split(len(data.train_labels), batch, ranks.world_size, virtual)
+        virtual_batches_per_process(len(data.train_labels), batch, ranks.world_size, virtual)
     return data

@@ -33,7 +33,7 @@ class Run:
     label: str  # what the epoch lines call it
     virtual_batch_size: int | None = None  # this run's images per Batch Norm statistic
 
-    def split(self, default: int | None) -> int | None:
+    def virtual_batch_size_given(self, default: int | None) -> int | None:
         """The virtual batch size this run trains with: its own, else the command line's
         (``default``); None for the norms without batch statistics."""
         if not NORMS[VARIANTS[self.variant].norm].virtual:
@@ -49,7 +49,8 @@ class Run:
             return self.batch_size
         if not norm.batch_dependent:
             return None
-        return self.split(s.virtual_batch_size) or self.batch_size // s.world_size
+        return (self.virtual_batch_size_given(s.virtual_batch_size)
+                or self.batch_size // s.world_size)
 
     @property
     def stem(self) -> str:

@@ -161,7 +161,7 @@ class Statistics(Sweep):
     def grid_fields(self, run: Run, s: Settings, data: Data) -> dict[str, Any]:
         # None for the norms without batch statistics
         return {**super().grid_fields(run, s, data),
-                "images_per_statistic": run.split(run.batch_size)}
+                "images_per_statistic": run.virtual_batch_size_given(run.batch_size)}
 
     def result(self, run: Run, model: Net, history: dict[str, list[float]], data: Data,
                device: torch.device, s: Settings) -> dict[str, Any]:
