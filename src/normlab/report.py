@@ -163,3 +163,36 @@ def time_line(record: dict[str, Any], seconds: float, where: str = "") -> str:
     at_once = f"; {jobs} ran at a time, so the wall-clock time was shorter" if jobs > 1 else ""
     return (f"- started {record['started']}; training time{where} {seconds:.0f} s, the sum "
             f"over runs{at_once}")
+
+
+# -- pieces of the per-device studies' reports (statistics, remedies)
+
+def training_steps(epochs: int, images: int, batch_size: int) -> int:
+    """Optimiser steps of a run: every epoch ends with a partial batch if one is left."""
+    return epochs * -(-images // batch_size)
+
+
+def failed_lines(runs: dict[str, Any]) -> list[str]:
+    """One bullet per run of a per-device study that diverged."""
+    return [f"- failed: {r['variant']}, {r.get('images_per_statistic') or 'any'} images per "
+            f"statistic, seed {r['seed']}: {r['failed']}" for r in runs.values() if "failed" in r]
+
+
+# Wu & He (2018), Group Normalization, Table 2 / Figure 1: ImageNet ResNet-50 top-1 error (%)
+# by images per GPU, i.e. per Batch Norm statistic.
+GN_PAPER = {"images": (32, 16, 8, 4, 2), "bn": (23.6, 23.7, 24.8, 27.3, 34.7),
+            "gn": (24.1, 24.2, 24.0, 24.2, 24.1)}
+
+
+def gn_paper_rows(bn: list[str], gn: list[str], here: str = " (here)") -> list[str]:
+    """Wu & He's table by images per GPU, with this study's BN and GN errors (formatted, one
+    per size of ``GN_PAPER["images"]``) below it."""
+    sizes = GN_PAPER["images"]
+    return [
+        "| images per statistic | " + " | ".join(map(str, sizes)) + " |",
+        "| --- |" + " ---: |" * len(sizes),
+        "| BN, ImageNet (paper) | " + " | ".join(f"{e}" for e in GN_PAPER["bn"]) + " |",
+        "| GN, ImageNet (paper) | " + " | ".join(f"{e}" for e in GN_PAPER["gn"]) + " |",
+        f"| BN{here} | " + " | ".join(bn) + " |",
+        f"| GN{here} | " + " | ".join(gn) + " |",
+    ]

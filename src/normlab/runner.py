@@ -249,13 +249,13 @@ def resolve_jobs(jobs: int | str, runs: list[Run], device: torch.device, ranks: 
     return min(cores(), len(runs))
 
 
-def _check_parallel(args: argparse.Namespace, ranks: Ranks) -> None:
+def _check_parallel(args: argparse.Namespace, variants: list[str], ranks: Ranks) -> None:
     """Refuse combinations that cannot work."""
     if args.jobs != "auto" and args.jobs > 1 and ranks.distributed:
         raise UsageError("--jobs runs independent runs in worker processes; under torchrun "
                          "each run is already spread over the ranks: drop --jobs or torchrun")
     if args.virtual_batch_size is not None and any(
-            NORMS[VARIANTS[v].norm].synchronized for v in args.variants):
+            NORMS[VARIANTS[v].norm].synchronized for v in variants):
         raise UsageError("sbn (synchronized Batch Norm) computes over the whole global batch; "
                          "--virtual-batch-size does not combine with it")
 
@@ -295,14 +295,14 @@ def run_experiment(experiment: Experiment) -> int:
     experiment.check()
     args = experiment.args
     ranks = distributed.from_env()
-    build_models(args.variants, args.num_groups)  # fail fast, before any data is read
+    build_models(experiment.variants(), args.num_groups)  # fail fast, before any data is read
     if args.tensorboard is not None:
         try:
             importlib.import_module("torch.utils.tensorboard")  # needs tensorboard installed
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package: pip install "
                              "'normlab[tensorboard]'") from None
-    _check_parallel(args, ranks)
+    _check_parallel(args, experiment.variants(), ranks)
     device = _device_for(args, ranks)
     ranks = distributed.start(ranks, device)
     try:

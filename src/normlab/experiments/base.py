@@ -104,6 +104,11 @@ class Experiment:
     def check(self) -> None:
         """Refuse settings that cannot work (raise UsageError) before anything runs."""
 
+    def variants(self) -> list[str]:
+        """Every variant the experiment trains: the runner builds one of each before any data
+        is read, so an impossible setting fails at once."""
+        return list(self.args.variants)
+
     def runs(self) -> list[Run]:
         """Every run of the experiment, in the order they are recorded."""
         raise NotImplementedError

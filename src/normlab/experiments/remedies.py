@@ -24,20 +24,28 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, save_model
-from ..data import Data, load_data
+from ..checkpoint import atomic_write
+from ..data import Data
 from ..errors import UsageError
 from ..evaluate import DEFAULT_PRECISE_IMAGES, Trained, evaluate_model
 from ..model import Net
 from ..norms import NORMS
 from ..options import add_run_options, positive_int
 from ..plots import draw_errors, with_note
-from ..report import cell, provenance_lines, time_line
+from ..report import (
+    GN_PAPER,
+    cell,
+    failed_lines,
+    gn_paper_rows,
+    provenance_lines,
+    time_line,
+    training_steps,
+)
 from ..stats import paired_difference
 from ..variants import VARIANTS
 from .base import Run, Settings
-from .statistics import GN_PAPER, add_protocol_options, check_protocol, protocol_runs
-from .sweep import Sweep, and_references
+from .perdevice import PerDevice, add_protocol_options
+from .sweep import and_references
 
 SWEPT = ("bn", "brn", "evob0")  # depend on the batch: trained at every size
 REFERENCES = ("gn", "gn+ws", "ln", "ln+ws", "frn", "evos0")  # do not: once per seed
@@ -65,11 +73,10 @@ PAPERS = [
 ]
 
 
-class Remedies(Sweep):
+class Remedies(PerDevice):
     name = "remedies"
     record_name = "remedies.json"
     position = 3
-    fixed = ("lambda_l1",)  # no variant of the study carries L1
     help = ("what fixes Batch Norm at few images per statistic: Batch Renorm, EvoNorm, WS, "
             "FRN, PreciseBN, batch statistics at test, in the statistics study's protocol")
     description = ("Hold the optimiser fixed (global batch, learning rate, schedule, steps, "
@@ -102,64 +109,40 @@ class Remedies(Sweep):
         add_run_options(p)
 
     def check(self) -> None:
+        super().check()
         a = self.args
-        check_protocol(a, "remedies")
         if a.precise_images < a.batch_size:
             raise UsageError(f"--precise-images {a.precise_images} is below one batch of "
                              f"{a.batch_size} images; give at least {a.batch_size}")
-        a.variants = [*a.variants, *a.references]  # what the runner builds and records
 
     def swept(self) -> list[str]:
         return [v for v in self.args.variants if v not in self.args.references]
 
-    def runs(self) -> list[Run]:
-        return protocol_runs(self.args, self.swept(), self.args.references)
+    def references(self) -> list[str]:
+        return list(self.args.references)
 
-    def load(self) -> Data:
-        a = self.args
-        return load_data(a.data_dir, a.dataset, a.limit_train)
+    def more_config(self) -> dict[str, Any]:
+        return {"precise_images": self.args.precise_images}
 
-    def new_record(self, data: Data) -> dict[str, Any]:
-        a = self.args
-        return {"config": dict(variants=self.swept(), references=a.references,
-                               images_per_statistic=a.images_per_statistic, seeds=a.seeds,
-                               epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                               lambda_l1=0.0, num_groups=a.num_groups, dataset=a.dataset,
-                               limit_train=a.limit_train, precise_images=a.precise_images,
-                               precision=a.precision, train_images=len(data.train_labels),
-                               test_images=len(data.test_labels)),
-                "runs": {}}
-
-    def grid_fields(self, run: Run, s: Settings, data: Data) -> dict[str, Any]:
-        return {**super().grid_fields(run, s, data),
-                "images_per_statistic": run.images_per_statistic(s)}
-
-    def result(self, run: Run, model: Net, history: dict[str, list[float]], data: Data,
-               device: torch.device, s: Settings) -> dict[str, Any]:
-        """The grid point with its curves and, for a batch-dependent run, its test error
-        with each inference remedy; the first seed's weights (for ``normlab evaluate``)."""
-        result = {**super().result(run, model, history, data, device, s), "history": history}
+    def more_results(self, run: Run, model: Net, result: dict[str, Any], data: Data,
+                     device: torch.device, s: Settings) -> dict[str, Any]:
+        """A batch-dependent run's test error with each inference remedy."""
         ips = result["images_per_statistic"]
-        if ips is not None:
-            trained = Trained(self.args.dataset, run.batch_size, ips, s.precision)
-            result["inference"] = {}
-            for mode in RECORDED:
-                loss, acc = evaluate_model(model, data, trained, mode, device,
-                                           self.args.precise_images)
-                result["inference"][mode] = dict(test_loss=loss, test_acc=acc,
-                                                 test_error=100.0 - acc)
-        if s.writes and run.seed == self.args.seeds[0]:
-            save_model(model, s.out / f"{run.stem}{WEIGHTS_SUFFIX}", variant=run.variant,
-                       seed=run.seed, test_acc=result["test_acc"], images_per_statistic=ips,
-                       git_revision=s.revision, dataset=self.args.dataset,
-                       batch_size=run.batch_size, precision=s.precision)
-        return result
+        if ips is None:
+            return {}
+        trained = Trained(self.args.dataset, run.batch_size, ips, s.precision)
+        inference = {}
+        for mode in RECORDED:
+            loss, acc = evaluate_model(model, data, trained, mode, device,
+                                       self.args.precise_images)
+            inference[mode] = dict(test_loss=loss, test_acc=acc, test_error=100.0 - acc)
+        return {"inference": inference}
 
     def announce(self, data: Data, device: torch.device, verb: str, out: Path) -> str:
         a = self.args
         return (f"normlab remedies: {' '.join(self.swept())} over "
                 f"{' '.join(map(str, a.images_per_statistic))} images per statistic"
-                f"{and_references(a.references)} x {len(a.seeds)} seed(s) = "
+                f"{and_references(self.references())} x {len(a.seeds)} seed(s) = "
                 f"{len(self.runs())} runs of {a.epochs} epoch(s), global batch {a.batch_size}, on "
                 f"{len(data.train_labels):,} {a.dataset} images, device {device}; {verb} {out}")
 
@@ -255,7 +238,7 @@ def render_report(record: dict[str, Any]) -> str:
     references = reference_errors(record)
     sizes = sorted({b for by in lines_by.values() for b in by})
     seeds = cfg["seeds"]
-    steps = cfg["epochs"] * -(-cfg["train_images"] // cfg["batch_size"])
+    steps = training_steps(cfg["epochs"], cfg["train_images"], cfg["batch_size"])
     text = [
         "# normlab small-batch remedies study",
         "",
@@ -282,9 +265,7 @@ def render_report(record: dict[str, Any]) -> str:
     for v, e in references.items():
         text.append(f"| {_label(v)}, any grouping | "
                     + " | ".join(cell(list(e.values())) for _ in sizes) + " |")
-    failed = [r for r in record["runs"].values() if "failed" in r]
-    text += [f"- failed: {r['variant']}, {r.get('images_per_statistic') or 'any'} images per "
-             f"statistic, seed {r['seed']}: {r['failed']}" for r in failed]
+    text += failed_lines(record["runs"])
     text += ["", "![test error vs images per statistic](remedies.png)", ""]
     text += _difference_lines(lines_by, references, sizes)
     text += _recovered_lines(lines_by, references, sizes)
@@ -429,12 +410,7 @@ def _paper_lines(lines_by: dict[str, dict[int, dict[int, float]]],
         "Wu & He (2018), Table 2, by images per GPU against this study by images per "
         "statistic:",
         "",
-        "| images per statistic | " + " | ".join(map(str, sizes)) + " |",
-        "| --- |" + " ---: |" * len(sizes),
-        "| BN, ImageNet (paper) | " + " | ".join(f"{e}" for e in GN_PAPER["bn"]) + " |",
-        "| GN, ImageNet (paper) | " + " | ".join(f"{e}" for e in GN_PAPER["gn"]) + " |",
-        "| BN (here) | " + " | ".join(here("bn", b) for b in sizes) + " |",
-        "| GN (here) | " + " | ".join(here("gn") for _ in sizes) + " |",
+        *gn_paper_rows([here("bn", b) for b in sizes], [here("gn") for _ in sizes]),
         "",
     ]
     return text

@@ -26,73 +26,33 @@ import torch
 from matplotlib.figure import Figure
 
 from .. import distributed
-from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, load_model, save_model, write_json
-from ..data import Data, load_data, make_loaders
-from ..engine import DEFAULTS
+from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, load_model, write_json
+from ..data import Data, make_loaders
 from ..errors import UsageError, WorkerDied
-from ..model import Net
 from ..norms import statistics_seen
-from ..options import add_run_options, positive_float, positive_int
+from ..options import add_run_options, positive_int
 from ..plots import plot_errors, save_figure, with_note
-from ..report import cell, good_runs, provenance_lines, time_line
+from ..report import (
+    GN_PAPER,
+    cell,
+    failed_lines,
+    gn_paper_rows,
+    good_runs,
+    provenance_lines,
+    time_line,
+    training_steps,
+)
 from ..runner import launch_torchrun
 from ..variants import VARIANTS
-from .base import Run, Settings
-from .sweep import DEFAULT_BATCH_SIZES, Sweep, and_references
+from .perdevice import PerDevice, add_protocol_options
+from .sweep import DEFAULT_BATCH_SIZES, and_references
 
-# Epochs per run: chosen so that the study's 33 runs (27 in one process, 6 on two) fit in
-# about 45 minutes on the project's 2-core machine with --jobs 2; the time taken and the
-# accuracies reached are in results/statistics/report.md.
-STATISTICS_EPOCHS = 5
 TWO_PROCESSES = "two-processes"
 TWO_PROCESS_VARIANTS = ("sbn", "bn")
 STATISTICS_BATCHES = 300  # "a few hundred training batches" for the statistics figure
 
 
-def add_protocol_options(p: argparse.ArgumentParser, groups: str = "Group Norm",
-                         epochs_note: str = "") -> None:
-    """The per-device protocol's options (seeds, epochs, the global batch, the learning rate,
-    the groups), shared with the remedies study, which runs the same protocol."""
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="SEED")
-    p.add_argument("--epochs", type=positive_int, default=STATISTICS_EPOCHS,
-                   help=f"epochs per run (default: %(default)s{epochs_note})")
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
-                   help="the global batch, the same for every run (default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
-                   help="peak learning rate of the one-cycle schedule (default: %(default)s)")
-    p.add_argument("--num-groups", type=positive_int, default=DEFAULTS["num_groups"],
-                   help=f"groups for {groups} (default: %(default)s)")
-    p.add_argument("--limit-train", type=positive_int, metavar="N",
-                   help="train on the first N training images only (quick runs)")
-
-
-def protocol_runs(a: argparse.Namespace, swept: Sequence[str],
-                  references: Sequence[str]) -> list[Run]:
-    """Seed by seed: each swept variant at every number of images per statistic (virtual
-    batches of that size, none at the whole batch), then each reference once."""
-    runs = []
-    for seed in a.seeds:
-        for variant in swept:
-            runs += [Run(variant, seed, a.batch_size, a.lr, f"{variant}/ips{ips}/seed{seed}",
-                         f"{variant} {ips}/statistic",
-                         virtual_batch_size=ips if ips < a.batch_size else None)
-                     for ips in a.images_per_statistic]
-        runs += [Run(v, seed, a.batch_size, a.lr, f"{v}/seed{seed}", v) for v in references]
-    return runs
-
-
-def check_protocol(a: argparse.Namespace, command: str) -> None:
-    """The refusals both studies of the per-device protocol share, in one line each."""
-    if a.virtual_batch_size is not None:
-        raise UsageError(f"normlab {command} sets the images per statistic itself: use "
-                         "--images-per-statistic instead of --virtual-batch-size")
-    for ips in a.images_per_statistic:
-        if a.batch_size % ips:
-            raise UsageError(f"--images-per-statistic {ips} does not divide --batch-size "
-                             f"{a.batch_size}; choose divisors of the batch")
-
-
-class Statistics(Sweep):
+class Statistics(PerDevice):
     """The per-device statistics study: one optimiser setting (global batch, learning rate,
     schedule, steps, data order), and Batch Norm's statistics computed over 2 ... 128 of the
     batch's images (``--virtual-batch-size``), with Group and Layer Norm, which do not depend
@@ -102,7 +62,6 @@ class Statistics(Sweep):
     name = "statistics"
     record_name = "statistics.json"
     position = 2
-    fixed = ("lambda_l1",)  # no variant of the study carries L1
     help = ("vary only the images per Batch Norm statistic at a fixed global batch (the "
             "per-device effect), with GN/LN references")
     description = ("Hold the optimiser fixed (global batch, learning rate, schedule, steps, "
@@ -111,7 +70,7 @@ class Statistics(Sweep):
                    "synchronized and plain Batch Norm under torchrun on --processes processes. "
                    "Writes statistics.json, statistics.png, bn_statistics.png and report.md "
                    "into --out.")
-    references = ("gn", "ln")
+    REFERENCES = ("gn", "ln")
 
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
@@ -126,8 +85,8 @@ class Statistics(Sweep):
         add_run_options(p)
 
     def check(self) -> None:
+        super().check()
         a = self.args
-        check_protocol(a, "statistics")
         try:
             under_torchrun = distributed.from_env().distributed
         except ValueError:  # a broken torchrun environment is still not one process
@@ -138,42 +97,18 @@ class Statistics(Sweep):
         if a.processes > 1 and a.batch_size % a.processes:
             raise UsageError(f"--processes {a.processes} does not divide --batch-size "
                              f"{a.batch_size}")
-        a.variants = ["bn", *self.references]
 
-    def runs(self) -> list[Run]:
-        return protocol_runs(self.args, ["bn"], self.references)
+    def swept(self) -> list[str]:
+        return ["bn"]
 
-    def load(self) -> Data:
-        a = self.args
-        return load_data(a.data_dir, a.dataset, a.limit_train)
+    def references(self) -> list[str]:
+        return list(self.REFERENCES)
 
-    def new_record(self, data: Data) -> dict[str, Any]:
-        a = self.args
-        return {"config": dict(variants=["bn", *self.references],
-                               images_per_statistic=a.images_per_statistic, seeds=a.seeds,
-                               epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                               lambda_l1=0.0, num_groups=a.num_groups, dataset=a.dataset,
-                               limit_train=a.limit_train, processes=a.processes,
-                               precision=a.precision, train_images=len(data.train_labels),
-                               test_images=len(data.test_labels)),
-                "runs": {}}
+    def recorded_variants(self) -> dict[str, list[str]]:
+        return {"variants": self.variants()}
 
-    def grid_fields(self, run: Run, s: Settings, data: Data) -> dict[str, Any]:
-        # None for the norms without batch statistics
-        return {**super().grid_fields(run, s, data),
-                "images_per_statistic": run.virtual_batch_size_given(run.batch_size)}
-
-    def result(self, run: Run, model: Net, history: dict[str, list[float]], data: Data,
-               device: torch.device, s: Settings) -> dict[str, Any]:
-        """The grid point with its curves; the first seed's weights too (for the figure)."""
-        result = {**super().result(run, model, history, data, device, s), "history": history}
-        if s.writes and run.seed == self.args.seeds[0]:
-            save_model(model, s.out / f"{run.stem}{WEIGHTS_SUFFIX}", variant=run.variant,
-                       seed=run.seed, test_acc=result["test_acc"],
-                       images_per_statistic=result["images_per_statistic"],
-                       git_revision=s.revision, dataset=self.args.dataset,
-                       batch_size=run.batch_size, precision=s.precision)
-        return result
+    def more_config(self) -> dict[str, Any]:
+        return {"processes": self.args.processes}
 
     def announce(self, data: Data, device: torch.device, verb: str, out: Path) -> str:
         a = self.args
@@ -181,7 +116,7 @@ class Statistics(Sweep):
         two = (f", then sbn and bn on {a.processes} processes (torchrun)"
                if a.processes > 1 else "")
         return (f"normlab statistics: Batch Norm over {' '.join(map(str, a.images_per_statistic))} "
-                f"images per statistic{and_references(self.references)} x {len(a.seeds)} "
+                f"images per statistic{and_references(self.references())} x {len(a.seeds)} "
                 f"seed(s) = {total} runs of {a.epochs} epoch(s), global batch {a.batch_size}, "
                 f"on {len(data.train_labels):,} {a.dataset} images, device {device}{two}; "
                 f"{verb} {out}")
@@ -294,12 +229,6 @@ def _complete(metrics: dict[str, Any], seeds: list[int]) -> bool:
                for v in TWO_PROCESS_VARIANTS)
 
 
-# Wu & He (2018), Group Normalization, Table 2 / Figure 1: ImageNet ResNet-50 top-1 error (%)
-# by images per GPU, i.e. per Batch Norm statistic.
-GN_PAPER = {"images": (32, 16, 8, 4, 2), "bn": (23.6, 23.7, 24.8, 27.3, 34.7),
-            "gn": (24.1, 24.2, 24.0, 24.2, 24.1)}
-
-
 def statistics_table(results: dict[str, Any]) -> tuple[dict[int, list[float]],
                                                         dict[str, list[float]]]:
     """(Batch Norm's test errors by images per statistic, the references' errors by
@@ -324,7 +253,7 @@ def render_report(results: dict[str, Any]) -> str:
     seeds = cfg["seeds"]
     over = f"mean (min–max) over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 \
         else f"seed {seeds[0]}"
-    steps = cfg["epochs"] * -(-cfg["train_images"] // cfg["batch_size"])
+    steps = training_steps(cfg["epochs"], cfg["train_images"], cfg["batch_size"])
     lines = [
         "# normlab per-device statistics study",
         "",
@@ -345,9 +274,7 @@ def render_report(results: dict[str, Any]) -> str:
     for v, errors in references.items():
         lines.append(f"| {VARIANTS[v].label} ({v}), any grouping | "
                      + " | ".join(cell(errors) for _ in sizes) + " |")
-    failed = [r for r in results["runs"].values() if "failed" in r]
-    lines += [f"- failed: {r['variant']}, {r.get('images_per_statistic') or 'any'} images per "
-              f"statistic, seed {r['seed']}: {r['failed']}" for r in failed]
+    lines += failed_lines(results["runs"])
     lines += ["", "![test error vs images per statistic](statistics.png)", ""]
     lines += _two_process_lines(results)
     lines += _paper_lines(bn, references)
@@ -431,14 +358,8 @@ def _paper_lines(bn: dict[int, list[float]], references: dict[str, list[float]])
         "per GPU (= per Batch Norm statistic), against this study's MNIST test error (%). "
         "The scales differ by two orders of magnitude; compare the shapes.",
         "",
-        "| images per statistic | " + " | ".join(map(str, sizes)) + " |",
-        "| --- |" + " ---: |" * len(sizes),
-        "| BN, ImageNet (paper) | " + " | ".join(f"{e}" for e in GN_PAPER["bn"]) + " |",
-        "| GN, ImageNet (paper) | " + " | ".join(f"{e}" for e in GN_PAPER["gn"]) + " |",
-        "| BN, MNIST (here) | " + " | ".join(f"{np.mean(bn[b]):.2f}" if b in bn else "–"
-                                            for b in sizes) + " |",
-        "| GN, MNIST (here) | " + " | ".join(f"{np.mean(gn):.2f}" if gn else "–"
-                                            for _ in sizes) + " |",
+        *gn_paper_rows([f"{np.mean(bn[b]):.2f}" if b in bn else "–" for b in sizes],
+                       [f"{np.mean(gn):.2f}" if gn else "–" for _ in sizes], ", MNIST (here)"),
         "",
     ]
 

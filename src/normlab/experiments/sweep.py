@@ -35,7 +35,7 @@ from ..data import Data, load_data
 from ..model import Net
 from ..options import add_model_options, add_run_options, positive_float, positive_int
 from ..plots import plot_errors
-from ..report import cell, provenance_lines, time_line
+from ..report import cell, provenance_lines, time_line, training_steps
 from ..variants import VARIANTS
 from .base import Experiment, Run, Settings
 
@@ -112,7 +112,7 @@ class Sweep(Experiment):
     def grid_fields(self, run: Run, s: Settings, data: Data) -> dict[str, Any]:
         """Where a run sits in the grid: variant, batch, seed, learning rate, steps."""
         return dict(variant=run.variant, batch_size=run.batch_size, seed=run.seed, lr=run.lr,
-                    steps=s.epochs * -(-len(data.train_labels) // run.batch_size))
+                    steps=training_steps(s.epochs, len(data.train_labels), run.batch_size))
 
     def result(self, run: Run, model: Net, history: dict[str, list[float]], data: Data,
                device: torch.device, s: Settings) -> dict[str, Any]:
