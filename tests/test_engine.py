@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,6 +171,24 @@ def test_hooks_see_every_step_and_epoch_and_end_even_when_training_stops(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         train_model(config, hooks=[hook], **common)
     assert hook.ended == 1 and len(hook.rows) == 1
+
+
+def test_checkpoint_key_is_the_one_earlier_versions_wrote():
+    """A checkpoint is continued only when its key matches: the key TrainConfig derives must
+    be the dict train_model wrote before TrainConfig existed (written out here by hand), so
+    that checkpoints of earlier versions still resume; settings at their default that those
+    versions did not record stay out of it."""
+    config = engine.TrainConfig("group", lambda_l1=0.0, num_groups=2, epochs=3, seed=7,
+                                batch_size=32, lr=0.02)
+    earlier = dict(norm="group", num_groups=2, dropout=0.0, lambda_l1=0.0,
+                   architecture=[list(layer) for layer in engine.ARCHITECTURE],
+                   epochs=3, seed=7, batch_size=32, lr=0.02, momentum=0.9, weight_decay=0.0,
+                   precision="fp32", train_images=320)
+    key = config.checkpoint_key("fp32", 320, world=1)
+    assert key == earlier and list(key) == list(earlier)
+    more = dataclasses.replace(config, virtual_batch_size=8, weight_std=True)
+    assert more.checkpoint_key("fp32", 320, world=2) == {
+        **earlier, "world_size": 2, "virtual_batch_size": 8, "weight_std": True}
 
 
 def test_train_model_rejects_bad_settings():
