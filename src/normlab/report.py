@@ -172,6 +172,15 @@ def training_steps(epochs: int, images: int, batch_size: int) -> int:
     return epochs * -(-images // batch_size)
 
 
+def protocol(cfg: dict[str, Any]) -> str:
+    """The per-device protocol in one phrase, as both per-device reports state it."""
+    steps = training_steps(cfg["epochs"], cfg["train_images"], cfg["batch_size"])
+    return (f"global batch {cfg['batch_size']}, peak learning rate {cfg['lr']} (one-cycle with "
+            f"warm-up), {cfg['epochs']} epoch(s) = {steps:,} steps over "
+            f"{cfg['train_images']:,} {cfg['dataset']} images, the same data order and "
+            f"augmentation for a given seed")
+
+
 def failed_lines(runs: dict[str, Any]) -> list[str]:
     """One bullet per run of a per-device study that diverged."""
     return [f"- failed: {r['variant']}, {r.get('images_per_statistic') or 'any'} images per "

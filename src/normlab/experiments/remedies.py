@@ -37,9 +37,9 @@ from ..report import (
     cell,
     failed_lines,
     gn_paper_rows,
+    protocol,
     provenance_lines,
     time_line,
-    training_steps,
 )
 from ..stats import paired_difference
 from ..variants import VARIANTS
@@ -238,21 +238,18 @@ def render_report(record: dict[str, Any]) -> str:
     references = reference_errors(record)
     sizes = sorted({b for by in lines_by.values() for b in by})
     seeds = cfg["seeds"]
-    steps = training_steps(cfg["epochs"], cfg["train_images"], cfg["batch_size"])
     text = [
         "# normlab small-batch remedies study",
         "",
-        f"The per-device protocol of the statistics study: global batch {cfg['batch_size']}, "
-        f"peak learning rate {cfg['lr']} (one-cycle with warm-up), {cfg['epochs']} epoch(s) "
-        f"= {steps:,} steps over {cfg['train_images']:,} {cfg['dataset']} images, the same "
-        f"data order and augmentation for a given seed; only the number of images each batch "
-        f"statistic covers changes (virtual batches, as that many devices would cut the "
-        f"batch). Batch-dependent variants are trained at every size; batch-independent ones "
-        f"once per seed (any grouping). Every batch-dependent run is also evaluated, without "
-        f"retraining, with PreciseBN (population statistics recomputed with the final weights "
-        f"over {cfg['precise_images']:,} training images, each statistic over a whole batch of "
-        f"{cfg['batch_size']}, or over the training grouping) and with batch statistics at "
-        f"test (the test set in groups of the same size). Test error (%) on all "
+        f"The per-device protocol of the statistics study: {protocol(cfg)}; only the number "
+        f"of images each batch statistic covers changes (virtual batches, as that many "
+        f"devices would cut the batch). Batch-dependent variants are trained at every "
+        f"size; batch-independent ones once per seed (any grouping). Every batch-dependent "
+        f"run is also evaluated, without retraining, with PreciseBN (population statistics "
+        f"recomputed with the final weights over {cfg['precise_images']:,} training images, "
+        f"each statistic over a whole batch of {cfg['batch_size']}, or over the training "
+        f"grouping) and with batch statistics at test (the test set in groups of the same "
+        f"size). Test error (%) on all "
         f"{cfg['test_images']:,} test images, mean (min–max) over seeds "
         f"{', '.join(map(str, seeds))}.",
         "",

@@ -38,9 +38,9 @@ from ..report import (
     failed_lines,
     gn_paper_rows,
     good_runs,
+    protocol,
     provenance_lines,
     time_line,
-    training_steps,
 )
 from ..runner import launch_torchrun
 from ..variants import VARIANTS
@@ -253,14 +253,10 @@ def render_report(results: dict[str, Any]) -> str:
     seeds = cfg["seeds"]
     over = f"mean (min–max) over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 \
         else f"seed {seeds[0]}"
-    steps = training_steps(cfg["epochs"], cfg["train_images"], cfg["batch_size"])
     lines = [
         "# normlab per-device statistics study",
         "",
-        f"Everything that matters to optimisation is held fixed: global batch "
-        f"{cfg['batch_size']}, peak learning rate {cfg['lr']} (one-cycle with warm-up), "
-        f"{cfg['epochs']} epoch(s) = {steps:,} steps over {cfg['train_images']:,} "
-        f"{cfg['dataset']} images, the same data order and augmentation for a given seed. "
+        f"Everything that matters to optimisation is held fixed: {protocol(cfg)}. "
         f"Only the number of images each Batch Norm statistic is computed over changes "
         f"(`--virtual-batch-size`: each batch cut into parts as that many devices would cut "
         f"it). Group and Layer Norm normalise every image on its own, so their result does "
