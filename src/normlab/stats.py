@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from scipy import stats
 
 
@@ -60,3 +61,58 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: flo
     if not seeds:
         raise ValueError("the two variants share no seed")
     return t_interval([a[s] - b[s] for s in seeds], level)
+
+
+def paired_p_value(a: Mapping[int, float], b: Mapping[int, float]) -> float:
+    """Two-sided paired t-test p-value of mean(a - b) = 0 over the seeds both have; NaN
+    with fewer than two seeds or when every difference is the same (no spread to test)."""
+    seeds = sorted(a.keys() & b.keys())
+    differences = [a[s] - b[s] for s in seeds]
+    if len(seeds) < 2 or max(differences) == min(differences):
+        return math.nan
+    return float(stats.ttest_1samp(differences, 0.0).pvalue)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values, in the order given; NaN stays NaN and is not counted.
+
+    Why Holm: it controls the family-wise error (the chance that *any* claim of a table is
+    chance) under any dependence between the tests -- ours share a baseline and seeds, so
+    they are correlated -- and is uniformly more powerful than Bonferroni. An adjusted
+    p-value below alpha is exactly a rejection by Holm's step-down rule at alpha.
+    """
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    m = len(order)
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for k, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p))  # step-down: never below a smaller p's
+        adjusted[i] = running
+    return adjusted
+
+
+def bootstrap_share(loss_small: Mapping[int, float], loss_large: Mapping[int, float],
+                    remedy: Mapping[int, float], resamples: int = 10_000, level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Share of a loss won back, (small - remedy) / (small - large) of the means, with a
+    paired bootstrap percentile interval: seeds are resampled together, so each keeps its
+    three values. A ratio of means has no t interval; with few seeds the bootstrap
+    interval is wide, and that is the honest answer. Fixed ``seed``: the report is a pure
+    function of the record. Resamples whose loss is not positive are left out (the share
+    is undefined there); NaNs when fewer than two seeds have all three values."""
+    seeds = sorted(loss_small.keys() & loss_large.keys() & remedy.keys())
+    if len(seeds) < 2:
+        return math.nan, math.nan, math.nan
+    values = np.array([[loss_small[s], loss_large[s], remedy[s]] for s in seeds])
+
+    def share(rows: np.ndarray) -> np.ndarray:
+        small, large, fixed = rows.mean(axis=-2).T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(small > large, (small - fixed) / (small - large), np.nan)
+
+    picks = np.random.default_rng(seed).integers(0, len(seeds), (resamples, len(seeds)))
+    shares = share(values[picks])
+    shares = shares[~np.isnan(shares)]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(shares, [tail, 100 - tail])
+    return float(share(values[None])[0]), float(low), float(high)
