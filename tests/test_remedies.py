@@ -5,15 +5,18 @@ its report's paired differences against a recomputation from the record, and bad
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from scipy import stats as sps
 
 from conftest import cli_error
 from normlab import evaluate
 from normlab.cli import main
 from normlab.data import load_data
-from normlab.experiments.remedies import errors_by_size, render_report
+from normlab.experiments.remedies import errors_by_size, reference_errors, render_report
 from normlab.stats import paired_difference
 
 GRID = ["--variants", "bn", "brn", "--references", "gn", "--images-per-statistic", "2", "16",
@@ -81,3 +84,116 @@ def test_remedies_study_end_to_end(tiny_mnist, tmp_path, capsys):
 def test_remedies_refuses_impossible_settings_in_one_line(args, message, capsys, tmp_path):
     code, line = cli_error(["remedies", *args, "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and message in line, line
+
+
+# -- extending a record (normlab report --add) and the report's corrected comparisons
+
+COMMITTED = Path(__file__).parents[1] / "results" / "remedies" / "fashion-mnist"
+
+
+def _split(seeds: set[int], **config: Any) -> dict[str, Any]:
+    """The committed Fashion-MNIST record cut down to ``seeds``, as if run on its own."""
+    record = json.loads((COMMITTED / "remedies.json").read_text())
+    lr = record["config"]["lr"]
+    record["runs"] = {k: r for k, r in record["runs"].items()
+                      if r["seed"] in seeds and r["lr"] == lr}
+    record["config"] = {**record["config"], "seeds": sorted(seeds), **config}
+    record.pop("extensions", None)
+    return record
+
+
+def _folder(path: Path, record: dict[str, Any]) -> Path:
+    path.mkdir()
+    (path / "remedies.json").write_text(json.dumps(record))
+    return path
+
+
+def test_report_add_extends_a_record_and_keeps_each_part_s_provenance(tmp_path, capsys):
+    main_folder = _folder(tmp_path / "a", _split({1, 2}))
+    later = _split({3})
+    later["command"] = "normlab remedies --seeds 3 --out elsewhere"
+    later["environment"] = {**later["environment"], "cpu": "Some Other CPU",
+                            "git_revision": "abc123456789"}
+    assert main(["report", str(main_folder), "--add", str(_folder(tmp_path / "b", later))]) == 0
+    merged = json.loads((main_folder / "remedies.json").read_text())
+    whole = _split({1, 2, 3})
+    assert merged["runs"].keys() == whole["runs"].keys()
+    assert merged["config"]["seeds"] == [1, 2, 3]
+    assert [e["command"] for e in merged["extensions"]] == [later["command"]]
+    report = (main_folder / "report.md").read_text()
+    assert report == render_report(merged)
+    assert "Extended by 21 run(s) of (started" in report
+    assert "Some Other CPU" in report and "`abc123456789`" in report
+    # The tables are those of the record made in one piece.
+    assert [line for line in report.splitlines() if line.startswith("| Batch Renorm (brn) |")] \
+        == [line for line in render_report(whole).splitlines()
+            if line.startswith("| Batch Renorm (brn) |")]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(epochs=6), "different protocols (epochs: 5 vs 6)"),
+    (dict(seeds_overlap=True), "run(s) are in both records"),
+])
+def test_report_add_refuses_and_leaves_the_record_as_it_was(tmp_path, capsys, change, message):
+    folder = _folder(tmp_path / "a", _split({1, 2}))
+    before = (folder / "remedies.json").read_bytes()
+    other = _split({2, 3}) if change.pop("seeds_overlap", False) else _split({3}, **change)
+    code, line = cli_error(["report", str(folder), "--add", str(_folder(tmp_path / "b", other))],
+                           capsys)
+    assert code == 2 and message in line, line
+    assert (folder / "remedies.json").read_bytes() == before
+    assert not (folder / "report.md").exists()
+
+
+def test_a_learning_rate_check_sits_beside_the_grid_and_not_in_it(tmp_path, capsys):
+    folder = _folder(tmp_path / "a", _split({1, 2, 3}))
+    check = _split({1, 2, 3}, lr=0.1)
+    for r in check["runs"].values():
+        r["lr"], r["test_error"] = 0.1, r["test_error"] - 1.0  # every option 1 point better
+    assert main(["report", str(folder), "--add", str(_folder(tmp_path / "b", check))]) == 0
+    merged = json.loads((folder / "remedies.json").read_text())
+    assert "bn/ips2/seed1/lr0.1" in merged["runs"] and merged["config"]["lr"] == 0.05
+    report = (folder / "report.md").read_text()
+    alone = render_report(_split({1, 2, 3}))
+    table = [line for line in alone.splitlines() if line.startswith("| Batch Norm (bn) |")]
+    assert [line for line in report.splitlines() if line.startswith("| Batch Norm (bn) |")] \
+        == table
+    gn = [r["test_error"] for r in check["runs"].values() if r["variant"] == "gn"]
+    assert f"| Group Norm (gn), any grouping | {sum(gn) / 3 + 1:.2f} | **{sum(gn) / 3:.2f}** " \
+           f"| 0.1 |" in report
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({**_split({1}), "config": {"lr": 0.02}}))
+    other = tmp_path / "sweep2"
+    other.mkdir()
+    (other / "sweep.json").write_text(json.dumps({**_split({2}), "config": {"lr": 0.05}}))
+    code, line = cli_error(["report", str(sweep), "--add", str(other)], capsys)
+    assert code == 2 and "different learning rates (0.02 vs 0.05)" in line, line
+
+
+def test_ranking_is_holm_over_each_option_against_the_first():
+    """The ranking at 2 images per statistic (ten seeds in the committed record), recomputed
+    with scipy's paired t-test and Holm's step-down rule written out here."""
+    record = json.loads((COMMITTED / "remedies.json").read_text())
+    report = render_report(record)
+    lines = errors_by_size(record)
+    options = {line: by[2] for line, by in lines.items() if 2 in by}
+    options.update(reference_errors(record))
+    means = {o: sum(e.values()) / len(e) for o, e in options.items()}
+    ranked = sorted(options, key=means.get)
+    first = options[ranked[0]]
+    p = [sps.ttest_rel([options[o][s] for s in sorted(options[o].keys() & first.keys())],
+                       [first[s] for s in sorted(options[o].keys() & first.keys())]).pvalue
+         for o in ranked[1:]]
+    order = sorted(range(len(p)), key=p.__getitem__)
+    adjusted, running = [0.0] * len(p), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - k) * p[i]))
+        adjusted[i] = running
+    section = report.split("## Ranking at 2 images per statistic")[1].split("\n## ")[0]
+    rows = [r for r in section.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert len(rows) == len(ranked)
+    for row, o, q in zip(rows[1:], ranked[1:], adjusted, strict=True):
+        shown = "< 0.001" if q < 0.001 else f"{q:.3f}"
+        assert f"p {shown}" in row, (row, o, q)
+        assert row.count("**") == (2 if q < 0.05 else 0), row

@@ -19,12 +19,15 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import __version__, distributed, evaluate, explain
 from .checkpoint import WEIGHTS_SUFFIX, convert_weights, write_json
 from .device import select_device
 from .errors import UsageError, error_line
 from .experiments import registry
+from .experiments.sweep import Sweep, extend_record
+from .folder import run_lock
 from .model import count_parameters
 from .options import add_model_options, positive_int
 from .provenance import git_revision
@@ -49,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                        f"from its {records} (no training)")
     p.add_argument("run", type=Path, metavar="OUTDIR",
                    help=f"an output folder of {' or '.join(registry())}")
+    p.add_argument("--add", type=Path, nargs="+", default=[], metavar="OTHER",
+                   help="first add the runs of these output folders of the same grid study "
+                   "(more seeds, sizes or variants, or the grid at another --lr) to OUTDIR's "
+                   "record; each keeps its own command, revision and machine")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("convert", help="rewrite older .pt weights files as .safetensors",
@@ -153,13 +160,34 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.run}: no {', '.join(names[:-1])} or {names[-1]}; give an "
                          f"output folder of {', '.join(list(registry())[:-1])} or "
                          f"{list(registry())[-1]}")
-    record = args.run / found[0].record_name
+    path = args.run / found[0].record_name
+    record = _read_record(path)
+    if args.add:
+        if not issubclass(found[0], Sweep):
+            raise UsageError(f"--add extends grid studies (sweep, statistics, remedies); "
+                             f"{path.name} is not one")
+        with run_lock(args.run):
+            for other in args.add:
+                record = extend_record(record, _read_record(other / found[0].record_name),
+                                       found[0].other_rates)
+            write_json(path, record)
+        print(f"{path}: {len(record['runs'])} runs after adding {len(args.add)} folder(s)")
     try:
-        found[0].render(args.run, json.loads(record.read_text()))
+        found[0].render(args.run, record)
     except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{record} is corrupt ({type(exc).__name__}: {exc}); cannot draw "
+        raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot draw "
                          f"a report from it") from None
     return 0
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist; give an output folder of the same "
+                         f"study") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} cannot be read ({exc}); restore it from a copy") from None
 
 
 # -- explain

@@ -154,7 +154,8 @@ def draw_errors(ax, lines: Mapping[str, Mapping[int, Sequence[float]]], xlabel: 
     """Onto ``ax``: each of ``lines`` (label -> size -> errors over seeds) as its mean with a
     min–max band over seeds; each of ``references`` (label -> errors over seeds), which do
     not depend on the size, as a flat dashed line with its band; and ``points`` (label,
-    size, errors), e.g. multi-process runs, as separate markers with min–max bars; on
+    size, errors), e.g. multi-process runs or a line measured at a few sizes only, as
+    separate markers with min–max bars (one colour and legend entry per label); on
     ``error_axes``. ``styles`` (label -> matplotlib line keywords) may give a line a colour
     and line style of its own; the references' colours follow the lines' distinct ones.
     ``reference_alpha``: the references' bands' opacity (lower where many overlap)."""
@@ -175,9 +176,13 @@ def draw_errors(ax, lines: Mapping[str, Mapping[int, Sequence[float]]], xlabel: 
         ax.axhline(e.mean(), color=f"C{i % 10}", linestyle="--", label=label)
         ax.axhspan(e.min(), e.max(), color=f"C{i % 10}", alpha=reference_alpha, linewidth=0)
     first = len(set(colours)) + len(references)  # the points' colours follow the lines'
-    for i, (label, x, errors) in enumerate(points):
+    labels = list(dict.fromkeys(label for label, _, _ in points))  # one colour and marker each
+    for label, x, errors in points:
+        i = labels.index(label)
         e = np.asarray(errors, dtype=float)
         ax.errorbar([x], [e.mean()], yerr=[[e.mean() - e.min()], [e.max() - e.mean()]],
                     marker="sD^v"[i % 4], markersize=8, linestyle="none", alpha=0.85,
-                    color=f"C{(first + i) % 10}", capsize=4, label=label)
+                    color=f"C{(first + i) % 10}", capsize=4,
+                    label=label if x == min(x for lb, x, _ in points if lb == label)
+                    else f"_{label}")  # legend once
     error_axes(ax, sorted({b for by_size in lines.values() for b in by_size}), xlabel, title)

@@ -138,13 +138,35 @@ def provenance_lines(record: dict[str, Any], today: str | None = None) -> list[s
     return [
         *lines,
         f"- configuration: {config}",
+        *_environment_lines(env, parallel_line(record)),
+        *extension_lines(record),
+    ]
+
+
+def _environment_lines(env: dict[str, Any], parallelism: str) -> list[str]:
+    return [
         f"- git revision: `{env['git_revision']}`",
         f"- machine: {env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch "
         f"threads), device `{env['device']}`" + (f", {env['gpu']}" if "gpu" in env else ""),
-        f"- parallelism: {parallel_line(record)}",
+        f"- parallelism: {parallelism}",
         f"- versions: normlab {env['normlab']}, Python {env['python']}, torch {env['torch']}, "
         f"numpy {env['numpy']} on {env['platform']}",
     ]
+
+
+def extension_lines(record: dict[str, Any]) -> list[str]:
+    """One paragraph per extension (``normlab report --add``): its own command, grid,
+    revision, machine and parallelism, since its runs were made there and not here."""
+    lines = []
+    for ext in record.get("extensions", []):
+        env, grid = ext["environment"], ext["config"]
+        lines += [
+            "", f"Extended by {ext['runs']} run(s) of (started {ext['started']}):", "",
+            "```", ext["command"], "```", "",
+            "- its grid: " + ", ".join(f"{k}={v}" for k, v in grid.items()),
+            *_environment_lines(env, _parallelism(ext.get("parallel") or {}, env)),
+        ]
+    return lines
 
 
 def cell(values: list[float]) -> str:

@@ -45,6 +45,15 @@ from ..stats import paired_difference
 from ..variants import VARIANTS
 from .base import Run, Settings
 from .perdevice import PerDevice, add_protocol_options
+from .ranking import (
+    MIN_RANKING_SEEDS,
+    claim_lines,
+    difference_lines,
+    lr_check_lines,
+    mechanism_lines,
+    ranking_lines,
+    share_cells,
+)
 from .sweep import and_references
 
 SWEPT = ("bn", "brn", "evob0")  # depend on the batch: trained at every size
@@ -76,6 +85,7 @@ PAPERS = [
 class Remedies(PerDevice):
     name = "remedies"
     record_name = "remedies.json"
+    other_rates = True  # the learning-rate check
     position = 3
     help = ("what fixes Batch Norm at few images per statistic: Batch Renorm, EvoNorm, WS, "
             "FRN, PreciseBN, batch statistics at test, in the statistics study's protocol")
@@ -167,7 +177,7 @@ def errors_by_size(record: dict[str, Any]) -> dict[str, dict[int, dict[int, floa
     """line -> images per statistic -> seed -> test error, for every batch-dependent variant
     and each of its inference remedies ("bn", "bn precise", ...); failed runs left out."""
     lines: dict[str, dict[int, dict[int, float]]] = {}
-    for r in record["runs"].values():
+    for r in _at_recipe(record):
         if "failed" in r or r.get("images_per_statistic") is None:
             continue
         ips = r["images_per_statistic"]
@@ -181,10 +191,16 @@ def errors_by_size(record: dict[str, Any]) -> dict[str, dict[int, dict[int, floa
 def reference_errors(record: dict[str, Any]) -> dict[str, dict[int, float]]:
     """reference variant -> seed -> test error."""
     table: dict[str, dict[int, float]] = {}
-    for r in record["runs"].values():
+    for r in _at_recipe(record):
         if "failed" not in r and r.get("images_per_statistic") is None:
             table.setdefault(r["variant"], {})[r["seed"]] = r["test_error"]
     return table
+
+
+def _at_recipe(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs at the study's own learning rate (a learning-rate check adds others)."""
+    return [r for r in record["runs"].values()
+            if r.get("lr", record["config"]["lr"]) == record["config"]["lr"]]
 
 
 def _label(line: str) -> str:
@@ -210,19 +226,28 @@ def figure(record: dict[str, Any], path: Path | None = None) -> Figure:
                            if " " not in line}, xlabel,
                 "Remedies in training (references: flat bands)", references,
                 reference_alpha=0.05)  # six bands overlap
+    sizes = {b for by in lines.values() for b in by}
     bn = {line: by for line, by in lines.items() if line.partition(" ")[0] == "bn"}
+    complete = {line: by for line, by in bn.items() if set(by) == sizes}
     styles = {_label(line): dict(color=f"C{i}", linestyle="-" if i == 0 else "--")
-              for i, line in enumerate(bn)}
-    draw_errors(test_ax, {_label(line): _seeds(by) for line, by in bn.items()}, xlabel,
-                "Batch Norm's remedies at test (no retraining)", styles=styles)
+              for i, line in enumerate(complete)}
+    # A remedy measured at a few sizes only (a later addition) as points, not a line.
+    points = [(_label(line), b, list(by[b].values())) for line, by in bn.items()
+              if line not in complete for b in sorted(by)]
+    draw_errors(test_ax, {_label(line): _seeds(by) for line, by in complete.items()}, xlabel,
+                "Batch Norm's remedies at test (no retraining)", points=points, styles=styles)
     for ax in (train_ax, test_ax):
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2)
     fig.suptitle(f"What fixes Batch Norm at few images per statistic ({cfg['dataset']})")
-    seeds = ", ".join(map(str, cfg["seeds"]))
+    seeds = cfg["seeds"]
+    seeds = (f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
+             and len(seeds) > 2 else ", ".join(map(str, seeds)))
+    counts = {len(s) for by in lines.values() for s in by.values()}
+    fewer = " (fewer at some sizes)" if len(counts) > 1 else ""
     return with_note(fig, f"held fixed: global batch {cfg['batch_size']}, peak lr {cfg['lr']} "
                      f"(one-cycle), {cfg['epochs']} epoch(s) over {cfg['train_images']:,} "
-                     f"images, data order; mean and min–max of seeds {seeds}; PreciseBN over "
-                     f"{cfg['precise_images']:,} training images", path, dpi=100)
+                     f"images, data order; mean and min–max of seeds {seeds}{fewer}; PreciseBN "
+                     f"over {cfg['precise_images']:,} training images", path, dpi=100)
 
 
 def _seeds(by: dict[int, dict[int, float]]) -> dict[int, list[float]]:
@@ -238,6 +263,9 @@ def render_report(record: dict[str, Any]) -> str:
     references = reference_errors(record)
     sizes = sorted({b for by in lines_by.values() for b in by})
     seeds = cfg["seeds"]
+    counts = {b: max(len(by.get(b, {})) for by in lines_by.values()) for b in sizes}
+    heads = [f"{b} per statistic" + (f" ({counts[b]} seeds)" if len(set(counts.values())) > 1
+                                     else "") for b in sizes]
     text = [
         "# normlab small-batch remedies study",
         "",
@@ -251,30 +279,39 @@ def render_report(record: dict[str, Any]) -> str:
         f"grouping) and with batch statistics at test (the test set in groups of the same "
         f"size). Test error (%) on all "
         f"{cfg['test_images']:,} test images, mean (min–max) over seeds "
-        f"{', '.join(map(str, seeds))}.",
+        f"{', '.join(map(str, seeds))}" + (" (each column says how many it has; a cell with "
+                                           "fewer says so in brackets)."
+                                           if len(set(counts.values())) > 1 else "."),
         "",
-        "| variant | " + " | ".join(f"{b} per statistic" for b in sizes) + " |",
+        "| variant | " + " | ".join(heads) + " |",
         "| --- |" + " ---: |" * len(sizes),
     ]
     for line, by in lines_by.items():
-        text.append(f"| {_label(line)} | "
-                    + " | ".join(cell(list(by.get(b, {}).values())) for b in sizes) + " |")
+        text.append(f"| {_label(line)} | " + " | ".join(
+            _cell(list(by.get(b, {}).values()), counts[b]) for b in sizes) + " |")
     for v, e in references.items():
         text.append(f"| {_label(v)}, any grouping | "
-                    + " | ".join(cell(list(e.values())) for _ in sizes) + " |")
-    text += failed_lines(record["runs"])
+                    + " | ".join(_cell(list(e.values()), counts[b]) for b in sizes) + " |")
+    text += failed_lines({k: r for k, r in record["runs"].items()
+                          if r.get("lr", cfg["lr"]) == cfg["lr"]})
     text += ["", "![test error vs images per statistic](remedies.png)", ""]
-    text += _difference_lines(lines_by, references, sizes)
+    text += difference_lines(lines_by, references, sizes, _label)
+    text += ranking_lines(lines_by, references, sizes, _label)
     text += _recovered_lines(lines_by, references, sizes)
+    text += mechanism_lines(lines_by, sizes, _label)
+    text += claim_lines(lines_by, references, _label)
+    text += lr_check_lines(record, _label)
     text += _paper_lines(lines_by, references)
     text += _parameter_lines(record)
+    rates = len({r.get("lr", cfg["lr"]) for r in record["runs"].values()}) > 1
     text += [
         "## Every run",
         "",
-        "| variant | images per statistic | seed | test error | "
-        + " | ".join(INFERENCE) + " | test loss | train loss | time |",
-        "| --- | ---: | ---: | ---: |" + " ---: |" * len(INFERENCE) + " ---: | ---: | ---: |",
-        *(_run_row(r) for r in record["runs"].values()),
+        "| variant | images per statistic | seed | " + ("lr | " if rates else "")
+        + "test error | " + " | ".join(RECORDED) + " | test loss | train loss | time |",
+        "| --- | ---: | ---: |" + (" ---: |" if rates else "") + " ---: |"
+        + " ---: |" * len(RECORDED) + " ---: | ---: | ---: |",
+        *(_run_row(r, rates) for r in record["runs"].values()),
         "",
         *provenance_lines(record, Remedies.command_today(record)),
         time_line(record, sum(r["wall_time_s"] for r in record["runs"].values()))
@@ -285,48 +322,20 @@ def render_report(record: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
-def _run_row(r: dict[str, Any]) -> str:
-    head = f"| {r['variant']} | {r.get('images_per_statistic') or 'any'} | {r['seed']} | "
+def _cell(values: list[float], seeds: int) -> str:
+    return cell(values) + (f" [{len(values)} seeds]" if 1 < len(values) < seeds else "")
+
+
+def _run_row(r: dict[str, Any], rates: bool) -> str:
+    head = (f"| {r['variant']} | {r.get('images_per_statistic') or 'any'} | {r['seed']} | "
+            + (f"{r['lr']} | " if rates else ""))
     if "failed" in r:
-        return head + f"failed: {r['failed']} |" + " |" * (len(INFERENCE) + 3)
+        return head + f"failed: {r['failed']} |" + " |" * (len(RECORDED) + 3)
     inference = r.get("inference", {})
     remedies = " | ".join(f"{inference[m]['test_error']:.2f}%" if m in inference else "–"
-                          for m in INFERENCE)
+                          for m in RECORDED)
     return (head + f"{r['test_error']:.2f}% | {remedies} | {r['test_loss']:.4f} | "
             f"{r['train_loss']:.4f} | {r['wall_time_s']:.0f} s |")
-
-
-def _difference_lines(lines_by: dict[str, dict[int, dict[int, float]]],
-                      references: dict[str, dict[int, float]], sizes: list[int]) -> list[str]:
-    """Every remedy minus plain Batch Norm at the same size, paired by seed."""
-    bn = lines_by.get("bn")
-    if not bn:
-        return []
-    text = [
-        "## Each remedy against plain Batch Norm at the same size",
-        "",
-        "Test error of the remedy minus that of plain Batch Norm (running statistics), in "
-        "points, paired by seed (the same seed gives both the same data order and "
-        "augmentation), with its paired-t 95% interval; negative: the remedy has the lower "
-        "error. An interval that includes 0 is written in plain text: no difference shown.",
-        "",
-        "| remedy − bn | " + " | ".join(f"{b} per statistic" for b in sizes) + " |",
-        "| --- |" + " ---: |" * len(sizes),
-    ]
-    others = {line: by for line, by in lines_by.items() if line != "bn"}
-    others.update({v: {b: e for b in sizes} for v, e in references.items()})
-    for line, by in others.items():
-        cells = []
-        for b in sizes:
-            a, base = by.get(b, {}), bn.get(b, {})
-            if len(a.keys() & base.keys()) < 2:
-                cells.append("–")
-                continue
-            d = paired_difference(a, base)
-            value = f"{d.mean:+.2f} ({d.low:+.2f} to {d.high:+.2f})"
-            cells.append(f"**{value}**" if d.excludes_zero() else value)
-        text.append(f"| {_label(line)} | " + " | ".join(cells) + " |")
-    return [*text, ""]
 
 
 def _mean(by: dict[int, float] | None) -> float | None:
@@ -340,18 +349,22 @@ def _recovered_lines(lines_by: dict[str, dict[int, dict[int, float]]],
     small, large = min(sizes), max(sizes)
     if small == large or small not in bn or large not in bn:
         return []
-    loss = _mean(bn[small]) - _mean(bn[large])
+    loss = paired_difference(bn[small], bn[large])
     text = [
         f"## How much of Batch Norm's loss at {small} images per statistic each remedy wins "
         f"back",
         "",
         f"Plain Batch Norm's test error at {small} images per statistic minus at {large}: "
-        f"**{loss:+.2f} points** (means over seeds). The inference remedies change only the "
-        f"statistics used at test (\"at test only\"), so what they win back is the train/test "
-        f"inconsistency; "
-        f"what only a different training normalization wins back is the cost of noisy "
-        f"statistics in training. Share of the loss won back (100%: as good as Batch Norm at "
-        f"{large}; negative: worse than plain Batch Norm at {small}):",
+        f"**{loss.mean:+.2f} points** ({loss.low:+.2f} to {loss.high:+.2f}, paired 95% "
+        f"interval over {loss.n} seeds). The inference remedies change only the statistics "
+        f"used at test (\"at test only\"), so what they win back is the train/test "
+        f"inconsistency; what only a different training normalization wins back is the cost "
+        f"of noisy statistics in training. Won back: plain Batch Norm's error at {small} minus "
+        f"the remedy's, paired by seed. Share of the loss won back (100%: as good as Batch "
+        f"Norm at {large}; negative: worse than plain Batch Norm at {small}) with a 95% "
+        f"paired bootstrap interval (10,000 resamples of the seeds) where at least "
+        f"{MIN_RANKING_SEEDS} seeds have all three numbers; a ratio is uncertain where its "
+        f"divisor is, so these intervals are wide:",
         "",
         "| remedy | kind | test error at " + str(small) + " | won back (points) | share |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -359,14 +372,15 @@ def _recovered_lines(lines_by: dict[str, dict[int, dict[int, float]]],
     candidates = {line: by.get(small) for line, by in lines_by.items() if line != "bn"}
     candidates.update(references)
     for line, errors in candidates.items():
-        if not errors:
+        if not errors or len(errors.keys() & bn[small].keys()) < 2:
             continue
         variant, _, mode = line.partition(" ")
         kind = ("training" if not mode else "at test only" if variant == "bn"
                 else "training, and at test")
-        won = _mean(bn[small]) - _mean(errors)
-        share = f"{100 * won / loss:.0f}%" if loss > 0 else "–"
-        text.append(f"| {_label(line)} | {kind} | {_mean(errors):.2f} | {won:+.2f} | {share} |")
+        won = paired_difference(bn[small], errors)
+        text.append(f"| {_label(line)} | {kind} | {_mean(errors):.2f} | {won.mean:+.2f} "
+                    f"({won.low:+.2f} to {won.high:+.2f}) | "
+                    f"{share_cells(bn, small, large, errors)} |")
     return [*text, ""]
 
 

@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 
 from ..checkpoint import atomic_write
 from ..data import Data, load_data
+from ..errors import UsageError
 from ..model import Net
 from ..options import add_model_options, add_run_options, positive_float, positive_int
 from ..plots import plot_errors
@@ -64,9 +65,61 @@ def run_key(variant: str, batch_size: int, seed: int) -> str:
     return f"{variant}/bs{batch_size}/seed{seed}"
 
 
+# What an extension of a grid study may change: more seeds, sizes or variants, and (for a
+# learning-rate check) the peak rate. Everything else is the protocol and must match.
+GRID_KEYS = ("seeds", "batch_sizes", "images_per_statistic", "variants", "references")
+EXTENSION_KEYS = (*GRID_KEYS, "lr")
+
+
+def extend_record(record: dict[str, Any], other: dict[str, Any], other_rates: bool = False
+                  ) -> dict[str, Any]:
+    """``record`` with ``other``'s runs added: the same study, more of it (seeds run later or
+    on another machine, or the same grid at another peak learning rate).
+
+    Why a merge and not a resume: a resume continues one command; an extension is another
+    command, made at its own revision on its own machine, and the record keeps both (under
+    ``"extensions"``) so that every run's provenance stays on the page. Runs at another
+    learning rate are kept under their own keys (``.../lr0.1``) with their ``lr``; the main
+    tables read only the record's own rate. Refused, with the record unchanged, when the
+    protocol differs or a run is already there.
+    """
+    mine, theirs = record["config"], other["config"]
+    differ = sorted(k for k in mine.keys() | theirs.keys()
+                    if k not in EXTENSION_KEYS and mine.get(k) != theirs.get(k))
+    if differ:
+        raise UsageError("the two records follow different protocols ("
+                         + ", ".join(f"{k}: {mine.get(k)} vs {theirs.get(k)}" for k in differ)
+                         + "); only seeds, sizes, variants and the learning rate may differ")
+    suffix = "" if theirs["lr"] == mine["lr"] else f"/lr{theirs['lr']}"
+    if suffix and not other_rates:
+        raise UsageError(f"the two records train at different learning rates ({mine['lr']} "
+                         f"vs {theirs['lr']}); this study's report has no place for a "
+                         f"learning-rate check")
+    runs = {key + suffix: {**run, "lr": run.get("lr", theirs["lr"])}
+            for key, run in other["runs"].items()}
+    twice = sorted(runs.keys() & record["runs"].keys())
+    if twice:
+        raise UsageError(f"{len(twice)} run(s) are in both records ({', '.join(twice[:3])}"
+                         f"{', ...' if len(twice) > 3 else ''}); an extension adds new runs only")
+    merged = {**record, "config": dict(mine), "runs": {**record["runs"], **runs}}
+    if not suffix:  # runs at another rate are a check beside the grid, not more of it
+        for key in GRID_KEYS:
+            if key in mine:
+                both = [*mine[key], *(v for v in theirs[key] if v not in mine[key])]
+                merged["config"][key] = both if key in ("variants", "references") \
+                    else sorted(both)
+    merged["extensions"] = [*record.get("extensions", []), {
+        "command": other["command"], "started": other["started"],
+        "config": {k: theirs[k] for k in EXTENSION_KEYS if k in theirs},
+        "environment": other["environment"], "parallel": other.get("parallel"),
+        "runs": len(runs)}]
+    return merged
+
+
 class Sweep(Experiment):
     name = "sweep"
     record_name = "sweep.json"
+    other_rates = False  # whether its report can show runs at other rates (report --add)
     position = 1
     help = "train variants across batch sizes (where BN breaks down)"
     description = ("Train each variant at each batch size for the same number of epochs over "

@@ -1,0 +1,278 @@
+"""The remedies report's inference: which differences hold once a table's comparisons are
+corrected for their number, how much of Batch Norm's loss each remedy wins back, which
+layers tolerate batch statistics at test, and whether one learning rate was fair to all.
+
+Every comparison is paired by seed (the same seed gives both variants the same data order
+and augmentation) and tested with a paired t-test; the p-values of one table are
+Holm-adjusted over that table (its *family*), and only what survives is printed in bold.
+Holm rather than Benjamini-Hochberg: the guide turns each bold cell into a recommendation,
+so every one of them should hold (family-wise error), not merely most of them (false
+discovery rate); and Holm needs no assumption about how the tests depend on each other,
+while ours share a baseline and seeds. The intervals beside the p-values are the plain 95 %
+paired-t intervals of each difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..stats import Interval, bootstrap_share, holm, paired_difference, paired_p_value
+
+Lines = dict[str, dict[int, dict[int, float]]]  # line -> images per statistic -> seed -> error
+Errors = dict[int, float]  # seed -> test error
+Label = Callable[[str], str]  # a line's name in the report
+Option = tuple[str, int | None]  # (variant, images per statistic; None: any)
+ALPHA = 0.05
+MIN_RANKING_SEEDS = 5  # a ranking needs seeds; the three-seed sizes get none
+
+
+def errors_at(lines: Lines, references: dict[str, Errors], line: str, size: int) -> Errors:
+    """seed -> error of a line at a size; a reference is the same at every size."""
+    return references[line] if line in references else lines.get(line, {}).get(size, {})
+
+
+def corrected(pairs: Sequence[tuple[Errors, Errors]]
+              ) -> list[tuple[Interval | None, float]]:
+    """(paired interval of a - b, Holm-adjusted p) for each pair; (None, NaN) where fewer
+    than two seeds are shared. The family is ``pairs``."""
+    intervals = [paired_difference(a, b) if len(a.keys() & b.keys()) >= 2 else None
+                 for a, b in pairs]
+    p = holm([paired_p_value(a, b) if d is not None else math.nan
+              for (a, b), d in zip(pairs, intervals, strict=True)])
+    return list(zip(intervals, p, strict=True))
+
+
+def difference_cell(d: Interval | None, p: float) -> str:
+    """"+4.82 (+3.53 to +6.11), p 0.001", in bold where Holm's p is below 0.05."""
+    if d is None:
+        return "–"
+    text = f"{d.mean:+.2f} ({d.low:+.2f} to {d.high:+.2f}), p {_p(p)}"
+    return f"**{text}**" if p < ALPHA else text
+
+
+def _p(p: float) -> str:
+    return "–" if math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def family_note(m: int) -> str:
+    return (f"p: paired t-test, Holm-adjusted over this table's {m} comparisons; **bold**: "
+            f"significant at 5 % after that correction. The interval is the plain 95 % "
+            f"paired-t interval of the difference (points).")
+
+
+def difference_lines(lines: Lines, references: dict[str, Errors], sizes: list[int],
+                     label: Label) -> list[str]:
+    """Every remedy minus plain Batch Norm at the same size; one family for the table."""
+    if "bn" not in lines:
+        return []
+    rows = [line for line in lines if line != "bn"] + list(references)
+    pairs = [(errors_at(lines, references, r, b), lines["bn"].get(b, {}))
+             for r in rows for b in sizes]
+    results = corrected(pairs)
+    m = sum(d is not None for d, _ in results)
+    text = [
+        "## Each remedy against plain Batch Norm at the same size",
+        "",
+        "Test error of the remedy minus that of plain Batch Norm (running statistics), in "
+        "points; negative: the remedy has the lower error. " + family_note(m),
+        "",
+        "| remedy − bn | " + " | ".join(f"{b} per statistic" for b in sizes) + " |",
+        "| --- |" + " ---: |" * len(sizes),
+    ]
+    for i, r in enumerate(rows):
+        cells = results[i * len(sizes):(i + 1) * len(sizes)]
+        text.append(f"| {label(r)} | " + " | ".join(difference_cell(d, p) for d, p in cells)
+                    + " |")
+    return [*text, ""]
+
+
+def ranking_lines(lines: Lines, references: dict[str, Errors], sizes: list[int],
+                  label: Label) -> list[str]:
+    """At each size with enough seeds: every option by mean error, each against the best;
+    those not worse than the best after the correction are tied for first."""
+    text = []
+    for b in sizes:
+        options = {line: by[b] for line, by in lines.items() if len(by.get(b, {})) > 1}
+        options.update(references)
+        if len(lines.get("bn", {}).get(b, {})) < MIN_RANKING_SEEDS:
+            continue
+        ranked = sorted(options, key=lambda o: float(np.mean(list(options[o].values()))))
+        best = ranked[0]
+        results = corrected([(options[o], options[best]) for o in ranked[1:]])
+        text += [
+            f"## Ranking at {b} images per statistic",
+            "",
+            f"Every option at {b} images per statistic, by mean test error, each against the "
+            f"lowest ({label(best)}), paired by seed. " + family_note(len(results))
+            + " Plain rows are not shown worse than the first: tied for first.",
+            "",
+            "| rank | option | seeds | test error % | − the first |",
+            "| ---: | --- | ---: | ---: | ---: |",
+            f"| 1 | {label(best)} | {len(options[best])} | "
+            f"{_mean_range(options[best])} | |",
+        ]
+        for rank, (o, (d, p)) in enumerate(zip(ranked[1:], results, strict=True), 2):
+            text.append(f"| {rank} | {label(o)} | {len(options[o])} | "
+                        f"{_mean_range(options[o])} | {difference_cell(d, p)} |")
+        text.append("")
+    return text
+
+
+def _mean_range(e: Errors) -> str:
+    values = list(e.values())
+    return f"{np.mean(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def mechanism_lines(lines: Lines, sizes: list[int], label: Label) -> list[str]:
+    """Batch statistics at test minus running statistics, per batch-dependent variant: the
+    train-mode / eval-mode gap, which says which layers tolerate batch statistics."""
+    variants = [v for v in lines if " " not in v and f"{v} batch" in lines]
+    pairs = [(lines[f"{v} batch"].get(b, {}), lines[v].get(b, {}))
+             for v in variants for b in sizes]
+    if not pairs:
+        return []
+    results = corrected(pairs)
+    m = sum(d is not None for d, _ in results)
+    text = [
+        "## The mechanism: which layers tolerate batch statistics at test",
+        "",
+        "Test error with batch statistics at test (train mode: each group of test images "
+        "normalised by its own statistics, groups as large as in training) minus with the "
+        "layer's running statistics (eval mode), same trained weights. A layer whose "
+        "running statistics match what it saw in training shows no gap; Batch Renorm trains "
+        "its weights against *corrected* batch statistics, so plain batch statistics at test "
+        "are not what it learnt. " + family_note(m),
+        "",
+        "| batch − running | " + " | ".join(f"{b} per statistic" for b in sizes) + " |",
+        "| --- |" + " ---: |" * len(sizes),
+    ]
+    for i, v in enumerate(variants):
+        cells = results[i * len(sizes):(i + 1) * len(sizes)]
+        text.append(f"| {label(v)} | " + " | ".join(difference_cell(d, p) for d, p in cells)
+                    + " |")
+    return [*text, ""]
+
+
+def claim_lines(lines: Lines, references: dict[str, Errors], label: Label) -> list[str]:
+    """The comparisons the papers make and the text cites, as one family."""
+    def e(line: str, size: int = 0) -> Errors:
+        return errors_at(lines, references, line, size)
+
+    def name(line: str, size: int = 0) -> str:
+        return label(line) + (f" at {size}" if line not in references else "")
+
+    wanted = [("gn+ws", 0, "gn", 0), ("ln+ws", 0, "ln", 0), ("evos0", 0, "gn", 0),
+              *(("bn batch", b, "bn precise", b) for b in (2, 4, 8, 32, 128)),
+              *(("bn precise-augmented", b, "bn precise", b) for b in (2, 128)),
+              ("brn", 4, "bn", 4), ("gn", 0, "brn", 4), ("brn", 2, "bn", 2),
+              ("gn", 0, "brn", 2), ("evob0", 2, "brn", 2), ("frn", 0, "bn", 128),
+              ("gn+ws", 0, "bn", 128), ("gn", 0, "bn", 32)]
+    found = [(a, sa, b, sb) for a, sa, b, sb in wanted
+             if len(e(a, sa).keys() & e(b, sb).keys()) >= 2]
+    if not found:
+        return []
+    results = corrected([(e(a, sa), e(b, sb)) for a, sa, b, sb in found])
+    text = ["## The comparisons the papers make", "",
+            "Each row: the first minus the second, test error in points, over the seeds both "
+            "have; negative: the first is better. " + family_note(len(found)), "",
+            "| comparison | seeds | difference |", "| --- | ---: | ---: |"]
+    for (a, sa, b, sb), (d, p) in zip(found, results, strict=True):
+        text.append(f"| {name(a, sa)} − {name(b, sb)} | {d.n} | {difference_cell(d, p)} |")
+    return [*text, ""]
+
+
+def share_cells(bn: dict[int, Errors], small: int, large: int, errors: Errors) -> str:
+    """"71% (52 to 95%)": the share of Batch Norm's loss won back with its paired bootstrap
+    interval, or the share alone where fewer than five seeds have all three values."""
+    share, low, high = bootstrap_share(bn[small], bn[large], errors)
+    if math.isnan(share):
+        return "–"
+    seeds = len(bn[small].keys() & bn[large].keys() & errors.keys())
+    if seeds < MIN_RANKING_SEEDS:
+        return f"{100 * share:.0f}%"
+    return f"{100 * share:.0f}% ({100 * low:.0f} to {100 * high:.0f}%)"
+
+
+def lr_check_lines(record: dict[str, Any], label: Label) -> list[str]:
+    """Each variant at the learning rates of the check, and the options re-ranked at each
+    one's own best rate beside the one recipe (same seeds)."""
+    cfg = record["config"]
+    table: dict[Option, dict[float, Errors]] = {}
+    failed: dict[Option, dict[float, int]] = {}
+    for r in record["runs"].values():
+        key = (r["variant"], r.get("images_per_statistic"))
+        if "failed" in r:
+            failed.setdefault(key, {}).setdefault(r["lr"], 0)
+            failed[key][r["lr"]] += 1
+            continue
+        table.setdefault(key, {}).setdefault(r.get("lr", cfg["lr"]), {})[r["seed"]] = \
+            r["test_error"]
+    rates = sorted({lr for by in table.values() for lr in by})
+    if len(rates) < 2:
+        return []
+    checked = {k: by for k, by in table.items() if len(by) > 1}
+    seeds = sorted({r["seed"] for r in record["runs"].values()
+                    if r.get("lr", cfg["lr"]) != cfg["lr"]})
+    complete = {k: {lr: {s: e[s] for s in seeds} for lr, e in by.items()
+                    if set(seeds) <= e.keys()} for k, by in checked.items()}
+
+    def mean(e: Errors) -> float:
+        return float(np.mean(list(e.values())))
+
+    # A rate at which a seed diverged is not a candidate for the best.
+    best = {k: min(by, key=lambda lr: mean(by[lr])) for k, by in complete.items() if by}
+    text = [
+        "## A fair recipe: the learning-rate check",
+        "",
+        f"Every option trained again at peak learning rates {', '.join(map(str, rates))} "
+        f"(the study's one recipe: {cfg['lr']}), seeds {', '.join(map(str, seeds))}, all "
+        f"else held fixed. Mean test error (%) over those seeds; the lowest per row in bold. "
+        f"The best rate is chosen on the test set with the same seeds it is then compared "
+        f"on, which flatters every option a little and equally.",
+        "",
+        "| option | " + " | ".join(f"lr {lr}" for lr in rates) + " | best |",
+        "| --- |" + " ---: |" * len(rates) + " ---: |",
+    ]
+    for k, by in complete.items():
+        cells = []
+        for lr in rates:
+            n = failed.get(k, {}).get(lr, 0)
+            value = ("–" if lr not in by else f"**{mean(by[lr]):.2f}**" if lr == best.get(k)
+                     else f"{mean(by[lr]):.2f}")
+            cells.append(value + (f" ({n} failed)" if n else ""))
+        text.append(f"| {_option(k, label)} | " + " | ".join(cells)
+                    + f" | {best.get(k, '–')} |")
+    text.append("")
+    text += _rerank_lines(complete, best, cfg["lr"], label)
+    return text
+
+
+def _option(key: Option, label: Label) -> str:
+    line, size = key
+    return label(line) + (f" at {size}" if size else ", any grouping")
+
+
+def _rerank_lines(complete: dict[Option, dict[float, Errors]], best: dict[Option, float],
+                  one: float, label: Label) -> list[str]:
+    """Per size: the first under one recipe and at each option's own best rate, with the
+    options tied for first (Holm over each ranking's comparisons)."""
+    sizes = sorted({size for _, size in complete if size})
+    text = ["Under one recipe and at each option's own best rate, the options tied for "
+            "first at each size (not shown worse than the lowest mean after Holm's "
+            "correction over that ranking's comparisons):", "",
+            "| images per statistic | recipe | first | tied for first |",
+            "| ---: | --- | --- | --- |"]
+    for b in sizes:
+        keys = [k for k in complete if k[1] in (b, None)]
+        for recipe, rates in (("one recipe", dict.fromkeys(keys, one)), ("own best rate", best)):
+            options = {k: complete[k][rates[k]] for k in keys if rates.get(k) in complete[k]}
+            ranked = sorted(options, key=lambda k: float(np.mean(list(options[k].values()))))
+            results = corrected([(options[k], options[ranked[0]]) for k in ranked[1:]])
+            tied = [k for k, (_, p) in zip(ranked[1:], results, strict=True) if not p < ALPHA]
+            text.append(f"| {b} | {recipe} | {_option(ranked[0], label)} | "
+                        + (", ".join(_option(k, label) for k in tied) or "none") + " |")
+    return [*text, ""]
