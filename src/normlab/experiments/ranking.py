@@ -166,6 +166,7 @@ def claim_lines(lines: Lines, references: dict[str, Errors], label: Label) -> li
         return label(line) + (f" at {size}" if line not in references else "")
 
     wanted = [("gn+ws", 0, "gn", 0), ("ln+ws", 0, "ln", 0), ("evos0", 0, "gn", 0),
+              *(("bn precise", b, "bn", b) for b in (2, 128)),
               *(("bn batch", b, "bn precise", b) for b in (2, 4, 8, 32, 128)),
               *(("bn precise-augmented", b, "bn precise", b) for b in (2, 128)),
               ("brn", 4, "bn", 4), ("gn", 0, "brn", 4), ("brn", 2, "bn", 2),

@@ -76,7 +76,7 @@ PAPERS = [
      "about 32.5 with population statistics at test, about 26 with mini-batch statistics "
      "at test; about 23.5 at 16 and more"),
     ("Singh & Krishnan 2020 (FRN)", "ResNetV2-50, 32 images per GPU",
-     "BN 23.8, FRN 22.8; an independent re-run on the standard ResNet-50 recipe saw no gain"),
+     "BN 23.8, FRN 22.8"),
     ("Liu et al. 2020 (EvoNorm), Table 4 and text", "ResNet-50 and MobileNetV2, small batches",
      "EvoNorm-S0 reported ahead of BN-ReLU at small batches and of GN-ReLU"),
 ]
@@ -408,8 +408,9 @@ def _paper_lines(lines_by: dict[str, dict[int, dict[int, float]]],
         f"at 4 per statistic: bn {here('bn', 4)}, brn {here('brn', 4)}",
         f"gn {here('gn')} → gn+ws {here('gn+ws')}; ln {here('ln')} → ln+ws {here('ln+ws')}; "
         f"bn at 128 {here('bn', 128)}",
-        f"at 2 per statistic: bn running {here('bn', 2)}, PreciseBN {here('bn precise', 2)}, "
-        f"batch statistics at test {here('bn batch', 2)}; bn at 32: {here('bn', 32)}",
+        f"at 2 per statistic: population statistics (PreciseBN) {here('bn precise', 2)}, "
+        f"batch statistics at test {here('bn batch', 2)} (running {here('bn', 2)}); bn at 32: "
+        f"{here('bn', 32)}",
         f"bn at 32 {here('bn', 32)}, at 128 {here('bn', 128)}; frn {here('frn')}",
         f"evos0 {here('evos0')}, evob0 at 2 {here('evob0', 2)}; bn at 2 {here('bn', 2)}, "
         f"gn {here('gn')}",
