@@ -99,6 +99,7 @@ def _split(seeds: set[int], **config: Any) -> dict[str, Any]:
                       if r["seed"] in seeds and r["lr"] == lr}
     record["config"] = {**record["config"], "seeds": sorted(seeds), **config}
     record.pop("extensions", None)
+    record.pop("config_as_run", None)
     return record
 
 
@@ -122,7 +123,9 @@ def test_report_add_extends_a_record_and_keeps_each_part_s_provenance(tmp_path, 
     assert [e["command"] for e in merged["extensions"]] == [later["command"]]
     report = (main_folder / "report.md").read_text()
     assert report == render_report(merged)
-    assert "Extended by 21 run(s) of (started" in report
+    assert "Extended by 21 run(s) of another command (started" in report
+    # The main command's own configuration stays on its provenance line.
+    assert "seeds=[1, 2], epochs=5" in report and merged["config_as_run"]["seeds"] == [1, 2]
     assert "Some Other CPU" in report and "`abc123456789`" in report
     # The tables are those of the record made in one piece.
     assert [line for line in report.splitlines() if line.startswith("| Batch Renorm (brn) |")] \

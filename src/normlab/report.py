@@ -130,7 +130,9 @@ def provenance_lines(record: dict[str, Any], today: str | None = None) -> list[s
     defaults, where they changed), then the configuration, git revision, machine,
     parallelism and versions the record was made with."""
     env = record["environment"]
-    config = ", ".join(f"{k}={v}" for k, v in record["config"].items())
+    # An extended record (report --add) keeps the configuration its own command ran with.
+    config = ", ".join(f"{k}={v}"
+                       for k, v in record.get("config_as_run", record["config"]).items())
     lines = reproduce_heading(record)
     if today is not None:
         lines += ["The command as run; normlab's defaults have changed since, and today the "
@@ -161,7 +163,8 @@ def extension_lines(record: dict[str, Any]) -> list[str]:
     for ext in record.get("extensions", []):
         env, grid = ext["environment"], ext["config"]
         lines += [
-            "", f"Extended by {ext['runs']} run(s) of (started {ext['started']}):", "",
+            "", f"Extended by {ext['runs']} run(s) of another command (started "
+            f"{ext['started']}):", "",
             "```", ext["command"], "```", "",
             "- its grid: " + ", ".join(f"{k}={v}" for k, v in grid.items()),
             *_environment_lines(env, _parallelism(ext.get("parallel") or {}, env)),

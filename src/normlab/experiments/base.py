@@ -177,7 +177,7 @@ class Experiment:
             return None
         options = {a.dest: a for a in parser._actions if a.option_strings}
         extra = []
-        for key, value in record["config"].items():
+        for key, value in record.get("config_as_run", record["config"]).items():
             dest = {"lambda_l1": "l1"}.get(key, key)
             if dest in options and key not in cls.fixed and getattr(args, dest) != value:
                 values = value if isinstance(value, list) else [value]

@@ -101,7 +101,8 @@ def extend_record(record: dict[str, Any], other: dict[str, Any], other_rates: bo
     if twice:
         raise UsageError(f"{len(twice)} run(s) are in both records ({', '.join(twice[:3])}"
                          f"{', ...' if len(twice) > 3 else ''}); an extension adds new runs only")
-    merged = {**record, "config": dict(mine), "runs": {**record["runs"], **runs}}
+    merged = {**record, "config": dict(mine), "runs": {**record["runs"], **runs},
+              "config_as_run": record.get("config_as_run", mine)}
     if not suffix:  # runs at another rate are a check beside the grid, not more of it
         for key in GRID_KEYS:
             if key in mine:
