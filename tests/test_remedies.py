@@ -153,6 +153,10 @@ def test_a_learning_rate_check_sits_beside_the_grid_and_not_in_it(tmp_path, caps
     check = _split({1, 2, 3}, lr=0.1)
     for r in check["runs"].values():
         r["lr"], r["test_error"] = 0.1, r["test_error"] - 1.0  # every option 1 point better
+    check["runs"]["ln/seed2"] = {k: v for k, v in check["runs"]["ln/seed2"].items()
+                                 if k in ("variant", "batch_size", "seed", "lr", "steps",
+                                          "images_per_statistic")}
+    check["runs"]["ln/seed2"].update(failed="ln: loss became non-finite", wall_time_s=0.0)
     assert main(["report", str(folder), "--add", str(_folder(tmp_path / "b", check))]) == 0
     merged = json.loads((folder / "remedies.json").read_text())
     assert "bn/ips2/seed1/lr0.1" in merged["runs"] and merged["config"]["lr"] == 0.05
@@ -164,6 +168,10 @@ def test_a_learning_rate_check_sits_beside_the_grid_and_not_in_it(tmp_path, caps
     gn = [r["test_error"] for r in check["runs"].values() if r["variant"] == "gn"]
     assert f"| Group Norm (gn), any grouping | {sum(gn) / 3 + 1:.2f} | **{sum(gn) / 3:.2f}** " \
            f"| 0.1 |" in report
+    ln = [r["test_error"] for k, r in merged["runs"].items() if k.startswith("ln/")
+          and r["lr"] == 0.05 and r["seed"] in (1, 2, 3)]
+    assert f"| Layer Norm (ln), any grouping | **{sum(ln) / 3:.2f}** | – (1 failed) | 0.05 |" \
+        in report
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "sweep.json").write_text(json.dumps({**_split({1}), "config": {"lr": 0.02}}))

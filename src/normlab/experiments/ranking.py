@@ -202,22 +202,23 @@ def lr_check_lines(record: dict[str, Any], label: Label) -> list[str]:
     """Each variant at the learning rates of the check, and the options re-ranked at each
     one's own best rate beside the one recipe (same seeds)."""
     cfg = record["config"]
+    # The check's seeds: those trained at another rate (the grid may have more).
+    seeds = sorted({r["seed"] for r in record["runs"].values()
+                    if r.get("lr", cfg["lr"]) != cfg["lr"]})
     table: dict[Option, dict[float, Errors]] = {}
     failed: dict[Option, dict[float, int]] = {}
     for r in record["runs"].values():
-        key = (r["variant"], r.get("images_per_statistic"))
+        key, lr = (r["variant"], r.get("images_per_statistic")), r.get("lr", cfg["lr"])
         if "failed" in r:
-            failed.setdefault(key, {}).setdefault(r["lr"], 0)
-            failed[key][r["lr"]] += 1
+            if r["seed"] in seeds:
+                failed.setdefault(key, {}).setdefault(lr, 0)
+                failed[key][lr] += 1
             continue
-        table.setdefault(key, {}).setdefault(r.get("lr", cfg["lr"]), {})[r["seed"]] = \
-            r["test_error"]
+        table.setdefault(key, {}).setdefault(lr, {})[r["seed"]] = r["test_error"]
     rates = sorted({lr for by in table.values() for lr in by})
     if len(rates) < 2:
         return []
     checked = {k: by for k, by in table.items() if len(by) > 1}
-    seeds = sorted({r["seed"] for r in record["runs"].values()
-                    if r.get("lr", cfg["lr"]) != cfg["lr"]})
     complete = {k: {lr: {s: e[s] for s in seeds} for lr, e in by.items()
                     if set(seeds) <= e.keys()} for k, by in checked.items()}
 
