@@ -208,3 +208,13 @@ def test_ranking_is_holm_over_each_option_against_the_first():
         shown = "< 0.001" if q < 0.001 else f"{q:.3f}"
         assert f"p {shown}" in row, (row, o, q)
         assert row.count("**") == (2 if q < 0.05 else 0), row
+
+
+def test_a_report_shows_no_folder_of_the_machine_that_made_it():
+    from normlab.report import shown_command
+
+    assert shown_command("normlab remedies --jobs 2 --out /work/study-out/mnist --no-progress") \
+        == "normlab remedies --jobs 2 --out OUTDIR --no-progress"
+    assert shown_command("normlab sweep --out runs/sweep") == "normlab sweep --out runs/sweep"
+    report = (COMMITTED / "report.md").read_text()
+    assert "/work/" not in report and "--out OUTDIR" in report

@@ -9,6 +9,8 @@ experiment's own report lives with it in ``normlab.experiments``.
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,7 +100,17 @@ def pair_rows(metrics: dict[str, Any]) -> list[str]:
 
 def reproduce_heading(record: dict[str, Any]) -> list[str]:
     """The "Reproduce" heading and the command that made the record."""
-    return ["## Reproduce", "", "```", record["command"], "```", ""]
+    return ["## Reproduce", "", "```", shown_command(record["command"]), "```", ""]
+
+
+def shown_command(command: str) -> str:
+    """``command`` as a reader can run it: an absolute ``--out`` folder of the machine that
+    made the record (``/work/...``) becomes ``OUTDIR``; relative folders stay."""
+    words = shlex.split(command)
+    for i, word in enumerate(words[:-1]):
+        if word == "--out" and Path(words[i + 1]).is_absolute():
+            words[i + 1] = "OUTDIR"
+    return shlex.join(words)
 
 
 def parallel_line(record: dict[str, Any]) -> str:
@@ -136,7 +148,7 @@ def provenance_lines(record: dict[str, Any], today: str | None = None) -> list[s
     lines = reproduce_heading(record)
     if today is not None:
         lines += ["The command as run; normlab's defaults have changed since, and today the "
-                  "same run is:", "", "```", today, "```", ""]
+                  "same run is:", "", "```", shown_command(today), "```", ""]
     return [
         *lines,
         f"- configuration: {config}",
@@ -165,7 +177,7 @@ def extension_lines(record: dict[str, Any]) -> list[str]:
         lines += [
             "", f"Extended by {ext['runs']} run(s) of another command (started "
             f"{ext['started']}):", "",
-            "```", ext["command"], "```", "",
+            "```", shown_command(ext["command"]), "```", "",
             "- its grid: " + ", ".join(f"{k}={v}" for k, v in grid.items()),
             *_environment_lines(env, _parallelism(ext.get("parallel") or {}, env)),
         ]
