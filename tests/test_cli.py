@@ -143,6 +143,22 @@ def test_curves_figure_has_two_labelled_panels_with_a_legend():
         "Validation accuracy"
 
 
+@pytest.mark.parametrize("accuracies, limits", [
+    ([60.0, 98.0, 99.0, 99.4], (90, 100)),   # MNIST-like: the last percents, up to 100
+    ([70.0, 86.0, 89.0, 91.2], (80, 93)),    # Fashion-like: the curves stay in view
+    ([95.0, 98.0, 99.0, 99.4], None),        # nothing below the cut: the axis is not cut
+])
+def test_the_accuracy_axis_is_cut_where_the_curves_are(accuracies, limits):
+    h = dict(test_loss=[1.0] * 4, test_acc=accuracies)
+    acc_ax = plot_curves({"BN": [h]}).get_axes()[1]
+    cut = [t.get_text() for t in acc_ax.texts]
+    if limits is None:
+        assert not cut and acc_ax.get_ylim()[0] < 95.0
+    else:
+        assert acc_ax.get_ylim() == pytest.approx(limits)
+        assert cut == [f"y axis cut at {limits[0]}% (lowest value {accuracies[0]:.1f}%)"]
+
+
 @pytest.mark.slow
 def test_one_epoch_of_bn_l1_on_real_mnist_reaches_98_percent(mnist_dir):
     from normlab.engine import train_model
