@@ -186,7 +186,10 @@ def _read_record(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist; give an output folder of the same "
                          f"study") from None
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
+        raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot draw a "
+                         f"report from it") from None
+    except OSError as exc:
         raise UsageError(f"{path} cannot be read ({exc}); restore it from a copy") from None
 
 
