@@ -36,7 +36,11 @@ from .variants import STUDY_VARIANTS, VARIANTS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="normlab", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="normlab", description="Train and compare normalization layers (Batch, Layer, "
+        "Group Norm and the small-batch remedies) on MNIST or Fashion-MNIST, and redraw, "
+        "evaluate or explain the results. Every study writes a JSON record, figures and a "
+        "report into its output folder.")
     revision = git_revision()
     parser.add_argument("--version", action="version", version=f"normlab {__version__}"
                         + (f" (git {revision})" if revision != "unknown" else ""))
