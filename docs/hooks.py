@@ -63,7 +63,8 @@ def _report(folder: str, up: str) -> str:
 def _cli_reference() -> str:
     from normlab.cli import build_parser
 
-    os.environ["COLUMNS"] = "100"  # argparse wraps help to the terminal: a fixed width
+    # argparse wraps help to the terminal: a fixed width that fits the page's code column.
+    os.environ["COLUMNS"] = "80"
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
     parts = ["```text", _help(parser), "```", ""]
