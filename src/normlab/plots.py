@@ -101,7 +101,8 @@ def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
         ax.imshow(mis.images[i].numpy(), cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(f"predicted {classes[mis.predicted[i]]} ({mis.confidence[i]:.0%})\n"
                      f"true {classes[mis.target[i]]}  ({split} #{mis.indices[i]})", fontsize=9)
-    fig.suptitle(f"{title}: {len(mis.predicted)} misclassified {split} images")
+    # Two lines: the figure is two images wide, and a variant's full name does not fit in one.
+    fig.suptitle(f"{title}\n{len(mis.predicted)} misclassified {split} images")
     if path is not None:
         save_figure(fig, path, dpi=100)
     return fig
