@@ -52,11 +52,13 @@ def on_page_markdown(markdown: str, page, config, files: Files) -> str:
 
 
 def _report(folder: str, up: str) -> str:
-    """``folder``'s report.md without its title, its headings one level down, and its links
+    """``folder``'s report.md without its title, its headings two levels down, and its links
     to files beside it pointing at their copies in the site."""
     text = (ROOT / folder / "report.md").read_text()
     lines = text.splitlines()[1:]  # the page has its own title
-    text = "\n".join("#" + line if line.startswith("#") else line for line in lines)
+    # Two levels down (## -> ####): below the page's own headings and out of its table of
+    # contents (toc_depth 3), which lists the page's sections, not the report's.
+    text = "\n".join("##" + line if line.startswith("#") else line for line in lines)
     return re.sub(r"\]\((?!https?:|#)([^)]+)\)", lambda m: f"]({up}{folder}/{m.group(1)})", text)
 
 
