@@ -7,7 +7,10 @@
   holds them, and are rewritten to the copies);
 * ``<!-- report: results/NAME -->``: that folder's report.md, rendered from its record by
   normlab itself, with its figure links pointing at the copies above;
-* ``<!-- cli-reference -->``: the ``--help`` of every ``normlab`` command, from its parser.
+* ``<!-- cli-reference -->``: the ``--help`` of every ``normlab`` command, from its parser;
+* the notebook's links to ``../docs/*.md``, pointed at those pages of the site.
+
+``make docs`` then runs ``docs/check_site.py`` on the built site.
 """
 
 from __future__ import annotations
@@ -49,6 +52,15 @@ def on_page_markdown(markdown: str, page, config, files: Files) -> str:
     if "<!-- cli-reference -->" in markdown:
         markdown = markdown.replace("<!-- cli-reference -->", _cli_reference())
     return markdown
+
+
+def on_post_page(output: str, page, config) -> str:
+    """The notebook links to the docs as the repository holds them (``../docs/X.md`` from
+    notebooks/, right on GitHub); on the site that page is ``X/`` beside it."""
+    if page.file.src_uri == NOTEBOOK.name:
+        output = re.sub(r'href="\.\./docs/([\w/-]+)\.md(#[^"]*)?"',
+                        lambda m: f'href="../{m.group(1)}/{m.group(2) or ""}"', output)
+    return output
 
 
 def _report(folder: str, up: str) -> str:
