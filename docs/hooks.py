@@ -48,7 +48,8 @@ def on_page_markdown(markdown: str, page, config, files: Files) -> str:
     # so that they also read right on GitHub; in the site those files sit inside it.
     markdown = re.sub(r"\]\(" + re.escape("../" * (depth + 1)) + r"(results/|benchmarks/results/)",
                       lambda m: "](" + "../" * depth + m.group(1), markdown)
-    markdown = REPORT.sub(lambda m: _report(m.group(1), "../" * depth), markdown)
+    markdown = REPORT.sub(lambda m: _folded(m.group(1), _report(m.group(1), "../" * depth)),
+                          markdown)
     if "<!-- cli-reference -->" in markdown:
         markdown = markdown.replace("<!-- cli-reference -->", _cli_reference())
     return markdown
@@ -61,6 +62,13 @@ def on_post_page(output: str, page, config) -> str:
         output = re.sub(r'href="\.\./docs/([\w/-]+)\.md(#[^"]*)?"',
                         lambda m: f'href="../{m.group(1)}/{m.group(2) or ""}"', output)
     return output
+
+
+def _folded(folder: str, report: str) -> str:
+    """A report, folded: the page above it shows the highlights, the report every number;
+    open, it would show the page's tables and figures a second time."""
+    body = "\n".join("    " + line if line else "" for line in report.splitlines())
+    return f'??? abstract "The whole report, every run and number ({folder}/report.md)"\n\n{body}\n'
 
 
 def _report(folder: str, up: str) -> str:
