@@ -8,7 +8,8 @@
 * ``<!-- report: results/NAME -->``: that folder's report.md, rendered from its record by
   normlab itself, with its figure links pointing at the copies above;
 * ``<!-- cli-reference -->``: the ``--help`` of every ``normlab`` command, from its parser;
-* the notebook's links to ``../docs/*.md``, pointed at those pages of the site.
+* the notebook's links to ``../docs/*.md``, pointed at those pages of the site;
+* every figure a link to itself, so that it opens full size.
 
 ``make docs`` then runs ``docs/check_site.py`` on the built site.
 """
@@ -50,6 +51,8 @@ def on_page_markdown(markdown: str, page, config, files: Files) -> str:
                       lambda m: "](" + "../" * depth + m.group(1), markdown)
     markdown = REPORT.sub(lambda m: _folded(m.group(1), _report(m.group(1), "../" * depth)),
                           markdown)
+    # Figures open full size when clicked (they are drawn at 100-110 dpi, shown smaller).
+    markdown = re.sub(r"(?<!\[)!\[([^\]]*)\]\(([^)\s]+\.png)\)", r"[![\1](\2)](\2)", markdown)
     if "<!-- cli-reference -->" in markdown:
         markdown = markdown.replace("<!-- cli-reference -->", _cli_reference())
     return markdown
