@@ -104,8 +104,8 @@ def reproduce_heading(record: dict[str, Any]) -> list[str]:
 
 
 def shown_command(command: str) -> str:
-    """``command`` as a reader can run it: an absolute ``--out`` folder of the machine that
-    made the record (``/work/...``) becomes ``OUTDIR``; relative folders stay."""
+    """``command`` as a reader can run it: an absolute ``--out`` folder, which names the
+    machine that made the record, becomes ``OUTDIR``; relative folders stay."""
     words = shlex.split(command)
     for i, word in enumerate(words[:-1]):
         if word == "--out" and Path(words[i + 1]).is_absolute():
