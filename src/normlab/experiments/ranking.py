@@ -26,6 +26,7 @@ Lines = dict[str, dict[int, dict[int, float]]]  # line -> images per statistic -
 Errors = dict[int, float]  # seed -> test error
 Label = Callable[[str], str]  # a line's name in the report
 Option = tuple[str, int | None]  # (variant, images per statistic; None: any)
+Pair = tuple[Errors, Errors]  # a comparison: the first minus the second, paired by seed
 ALPHA = 0.05
 MIN_RANKING_SEEDS = 5  # a ranking needs seeds; the three-seed sizes get none
 
@@ -35,8 +36,7 @@ def errors_at(lines: Lines, references: dict[str, Errors], line: str, size: int)
     return references[line] if line in references else lines.get(line, {}).get(size, {})
 
 
-def corrected(pairs: Sequence[tuple[Errors, Errors]]
-              ) -> list[tuple[Interval | None, float]]:
+def corrected(pairs: Sequence[Pair]) -> list[tuple[Interval | None, float]]:
     """(paired interval of a - b, Holm-adjusted p) for each pair; (None, NaN) where fewer
     than two seeds are shared. The family is ``pairs``."""
     intervals = [paired_difference(a, b) if len(a.keys() & b.keys()) >= 2 else None
@@ -64,30 +64,33 @@ def family_note(m: int) -> str:
             f"paired-t interval of the difference (points).")
 
 
+def _size_table(heading: str, intro: str, corner: str, rows: dict[str, list[Pair]],
+                sizes: list[int], label: Label) -> list[str]:
+    """A table of paired differences, a row per line and a column per size, the whole
+    table one family."""
+    results = corrected([pair for pairs in rows.values() for pair in pairs])
+    m = sum(d is not None for d, _ in results)
+    text = [heading, "", intro + " " + family_note(m), "",
+            f"| {corner} | " + " | ".join(f"{b} per statistic" for b in sizes) + " |",
+            "| --- |" + " ---: |" * len(sizes)]
+    for i, row in enumerate(rows):
+        cells = results[i * len(sizes):(i + 1) * len(sizes)]
+        text.append(f"| {label(row)} | " + " | ".join(difference_cell(d, p) for d, p in cells)
+                    + " |")
+    return [*text, ""]
+
+
 def difference_lines(lines: Lines, references: dict[str, Errors], sizes: list[int],
                      label: Label) -> list[str]:
     """Every remedy minus plain Batch Norm at the same size; one family for the table."""
     if "bn" not in lines:
         return []
-    rows = [line for line in lines if line != "bn"] + list(references)
-    pairs = [(errors_at(lines, references, r, b), lines["bn"].get(b, {}))
-             for r in rows for b in sizes]
-    results = corrected(pairs)
-    m = sum(d is not None for d, _ in results)
-    text = [
+    rows = {r: [(errors_at(lines, references, r, b), lines["bn"].get(b, {})) for b in sizes]
+            for r in [*(line for line in lines if line != "bn"), *references]}
+    return _size_table(
         "## Each remedy against plain Batch Norm at the same size",
-        "",
         "Test error of the remedy minus that of plain Batch Norm (running statistics), in "
-        "points; negative: the remedy has the lower error. " + family_note(m),
-        "",
-        "| remedy − bn | " + " | ".join(f"{b} per statistic" for b in sizes) + " |",
-        "| --- |" + " ---: |" * len(sizes),
-    ]
-    for i, r in enumerate(rows):
-        cells = results[i * len(sizes):(i + 1) * len(sizes)]
-        text.append(f"| {label(r)} | " + " | ".join(difference_cell(d, p) for d, p in cells)
-                    + " |")
-    return [*text, ""]
+        "points; negative: the remedy has the lower error.", "remedy − bn", rows, sizes, label)
 
 
 def ranking_lines(lines: Lines, references: dict[str, Errors], sizes: list[int],
@@ -96,10 +99,10 @@ def ranking_lines(lines: Lines, references: dict[str, Errors], sizes: list[int],
     those not worse than the best after the correction are tied for first."""
     text = []
     for b in sizes:
-        options = {line: by[b] for line, by in lines.items() if len(by.get(b, {})) > 1}
-        options.update(references)
         if len(lines.get("bn", {}).get(b, {})) < MIN_RANKING_SEEDS:
             continue
+        options = {line: by[b] for line, by in lines.items() if len(by.get(b, {})) > 1}
+        options.update(references)
         ranked = sorted(options, key=lambda o: float(np.mean(list(options[o].values()))))
         best = ranked[0]
         results = corrected([(options[o], options[best]) for o in ranked[1:]])
@@ -130,31 +133,18 @@ def _mean_range(e: Errors) -> str:
 def mechanism_lines(lines: Lines, sizes: list[int], label: Label) -> list[str]:
     """Batch statistics at test minus running statistics, per batch-dependent variant: the
     train-mode / eval-mode gap, which says which layers tolerate batch statistics."""
-    variants = [v for v in lines if " " not in v and f"{v} batch" in lines]
-    pairs = [(lines[f"{v} batch"].get(b, {}), lines[v].get(b, {}))
-             for v in variants for b in sizes]
-    if not pairs:
+    rows = {v: [(lines[f"{v} batch"].get(b, {}), lines[v].get(b, {})) for b in sizes]
+            for v in lines if " " not in v and f"{v} batch" in lines}
+    if not rows:
         return []
-    results = corrected(pairs)
-    m = sum(d is not None for d, _ in results)
-    text = [
+    return _size_table(
         "## The mechanism: which layers tolerate batch statistics at test",
-        "",
         "Test error with batch statistics at test (train mode: each group of test images "
         "normalised by its own statistics, groups as large as in training) minus with the "
         "layer's running statistics (eval mode), same trained weights. A layer whose "
         "running statistics match what it saw in training shows no gap; Batch Renorm trains "
         "its weights against *corrected* batch statistics, so plain batch statistics at test "
-        "are not what it learnt. " + family_note(m),
-        "",
-        "| batch − running | " + " | ".join(f"{b} per statistic" for b in sizes) + " |",
-        "| --- |" + " ---: |" * len(sizes),
-    ]
-    for i, v in enumerate(variants):
-        cells = results[i * len(sizes):(i + 1) * len(sizes)]
-        text.append(f"| {label(v)} | " + " | ".join(difference_cell(d, p) for d, p in cells)
-                    + " |")
-    return [*text, ""]
+        "are not what it learnt.", "batch − running", rows, sizes, label)
 
 
 def claim_lines(lines: Lines, references: dict[str, Errors], label: Label) -> list[str]:
