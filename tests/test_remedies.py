@@ -218,3 +218,18 @@ def test_a_report_shows_no_folder_of_the_machine_that_made_it():
     assert shown_command("normlab sweep --out runs/sweep") == "normlab sweep --out runs/sweep"
     report = (COMMITTED / "report.md").read_text()
     assert "/work/" not in report and "--out OUTDIR" in report
+
+
+def test_report_add_refuses_a_folder_it_cannot_extend_in_one_line(tmp_path, capsys):
+    folder = _folder(tmp_path / "a", _split({1, 2}))
+    before = (folder / "remedies.json").read_bytes()
+    code, line = cli_error(["report", str(folder), "--add", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and line.endswith("nowhere/remedies.json does not exist; give an output "
+                                       "folder of the same study"), line
+    assert (folder / "remedies.json").read_bytes() == before
+    compare = tmp_path / "compare"
+    compare.mkdir()
+    (compare / "metrics.json").write_text(json.dumps({"config": {}, "variants": {}}))
+    code, line = cli_error(["report", str(compare), "--add", str(folder)], capsys)
+    assert code == 2 and "--add extends grid studies (sweep, statistics, remedies); " \
+        "metrics.json is not one" in line, line
