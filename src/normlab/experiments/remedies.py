@@ -177,7 +177,7 @@ def errors_by_size(record: dict[str, Any]) -> dict[str, dict[int, dict[int, floa
     """line -> images per statistic -> seed -> test error, for every batch-dependent variant
     and each of its inference remedies ("bn", "bn precise", ...); failed runs left out."""
     lines: dict[str, dict[int, dict[int, float]]] = {}
-    for r in _at_recipe(record):
+    for r in _at_recipe(record).values():
         if "failed" in r or r.get("images_per_statistic") is None:
             continue
         ips = r["images_per_statistic"]
@@ -191,16 +191,16 @@ def errors_by_size(record: dict[str, Any]) -> dict[str, dict[int, dict[int, floa
 def reference_errors(record: dict[str, Any]) -> dict[str, dict[int, float]]:
     """reference variant -> seed -> test error."""
     table: dict[str, dict[int, float]] = {}
-    for r in _at_recipe(record):
+    for r in _at_recipe(record).values():
         if "failed" not in r and r.get("images_per_statistic") is None:
             table.setdefault(r["variant"], {})[r["seed"]] = r["test_error"]
     return table
 
 
-def _at_recipe(record: dict[str, Any]) -> list[dict[str, Any]]:
+def _at_recipe(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The runs at the study's own learning rate (a learning-rate check adds others)."""
-    return [r for r in record["runs"].values()
-            if r.get("lr", record["config"]["lr"]) == record["config"]["lr"]]
+    return {k: r for k, r in record["runs"].items()
+            if r.get("lr", record["config"]["lr"]) == record["config"]["lr"]}
 
 
 def _label(line: str) -> str:
@@ -292,8 +292,7 @@ def render_report(record: dict[str, Any]) -> str:
     for v, e in references.items():
         text.append(f"| {_label(v)}, any grouping | "
                     + " | ".join(_cell(list(e.values()), counts[b]) for b in sizes) + " |")
-    text += failed_lines({k: r for k, r in record["runs"].items()
-                          if r.get("lr", cfg["lr"]) == cfg["lr"]})
+    text += failed_lines(_at_recipe(record))
     text += ["", "![test error vs images per statistic](remedies.png)", ""]
     text += difference_lines(lines_by, references, sizes, _label)
     text += ranking_lines(lines_by, references, sizes, _label)
