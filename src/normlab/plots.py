@@ -182,13 +182,13 @@ def draw_errors(ax, lines: Mapping[str, Mapping[int, Sequence[float]]], xlabel: 
         ax.axhline(e.mean(), color=f"C{i % 10}", linestyle="--", label=label)
         ax.axhspan(e.min(), e.max(), color=f"C{i % 10}", alpha=reference_alpha, linewidth=0)
     first = len(set(colours)) + len(references)  # the points' colours follow the lines'
-    labels = list(dict.fromkeys(label for label, _, _ in points))  # one colour and marker each
+    labels: dict[str, int] = {}  # label -> its colour and marker, in order of appearance
     for label, x, errors in points:
-        i = labels.index(label)
+        shown = label not in labels  # in the legend once; "_" hides the later markers
+        i = labels.setdefault(label, len(labels))
         e = np.asarray(errors, dtype=float)
         ax.errorbar([x], [e.mean()], yerr=[[e.mean() - e.min()], [e.max() - e.mean()]],
                     marker="sD^v"[i % 4], markersize=8, linestyle="none", alpha=0.85,
                     color=f"C{(first + i) % 10}", capsize=4,
-                    label=label if x == min(x for lb, x, _ in points if lb == label)
-                    else f"_{label}")  # legend once
+                    label=label if shown else f"_{label}")
     error_axes(ax, sorted({b for by_size in lines.values() for b in by_size}), xlabel, title)
