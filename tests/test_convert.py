@@ -69,6 +69,12 @@ def _lazy_norm() -> nn.Module:
     return nn.Sequential(conv_bn_relu(3, 4), nn.Conv2d(4, 4, 1), nn.LazyBatchNorm2d())
 
 
+def _shared_with_a_relu_in_one_place() -> nn.Module:
+    norm = nn.BatchNorm2d(4)
+    return nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 1), norm, nn.ReLU()),
+                         nn.Sequential(nn.Conv2d(4, 4, 1), norm))
+
+
 def _parametrized() -> nn.Module:
     m = nn.Sequential(conv_bn_relu(3, 4), conv_bn_relu(4, 4))
     nn.utils.parametrizations.weight_norm(m[1][1], "weight", dim=0)
@@ -79,9 +85,8 @@ def _parametrized() -> nn.Module:
     (_lazy_then_layernorm, "group", {}, "LayerNorm: normalise over their last dimension"),
     (_groups_fail_late, "group", {"num_groups": 8}, "of 12 channels, which num_groups=8"),
     (_three_d_group_norms, "frn", {}, "GroupNorm on 3-D maps, where frn is defined for 2-D"),
-    (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
-                           nn.BatchNorm2d(4), nn.ReLU()), "evonorm-s0", {},
-     "with no nn.ReLU after them"),
+    (_shared_with_a_relu_in_one_place, "evonorm-s0", {},
+     "used in several places, with an nn.ReLU after them in some only"),
     (_lazy_norm, "batch", {}, "LazyBatchNorm2d not initialised yet"),
     (_parametrized, "group", {}, "with state-dict hooks or parametrizations"),
     (lambda: convert(_groups_fail_late(), "frn"), "torch", {},

@@ -322,29 +322,26 @@ def test_convert_to_frn_and_evonorm_replaces_the_norm_and_its_relu():
 
 
 def test_convert_refuses_what_it_cannot_convert_naming_every_layer_unless_skipped():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8),  # no ReLU after it
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Flatten(), nn.LayerNorm(8 * 4 * 4), nn.ReLU(),
                           nn.Unflatten(1, (8, 4, 4)), nn.Conv3d(8, 8, 1), nn.BatchNorm3d(8),
                           nn.ReLU())
     with pytest.raises(ValueError) as error:
         convert(model, "evonorm-b0")
     assert str(error.value).splitlines() == [
-        "cannot convert to 'evonorm-b0': 3 layer(s) refused, so nothing was changed",
-        "- 1 layer(s) with no nn.ReLU after them in their nn.Sequential, which this target "
-        "replaces together with the norm (1): convert to a norm without its own activation, "
-        "or pass skip=(BatchNorm2d,) to leave them as they are",
+        "cannot convert to 'evonorm-b0': 2 layer(s) refused, so nothing was changed",
         "- 1 layer(s) LayerNorm: normalise over their last dimension(s), not over channels and "
-        "positions (3): convert them by hand, or leave them, or pass skip=(LayerNorm,) to "
+        "positions (4): convert them by hand, or leave them, or pass skip=(LayerNorm,) to "
         "leave them as they are",
         "- 1 layer(s) BatchNorm3d on 3-D maps, where evonorm-b0 is defined for 2-D maps "
-        "(N, C, H, W) only (7): choose another target, or pass skip=(BatchNorm3d,) to leave "
+        "(N, C, H, W) only (8): choose another target, or pass skip=(BatchNorm3d,) to leave "
         "them as they are"]
     assert type(model[1]) is nn.BatchNorm2d  # nothing was changed
-    with pytest.raises(ValueError, match=r"LayerNorm: .* \(3\)") as error:
+    with pytest.raises(ValueError, match=r"LayerNorm: .* \(4\)") as error:
         convert(model, "group", num_groups=2)
     assert "(1)" not in str(error.value)
     _, changes = convert(model, "group", num_groups=2, skip=(nn.LayerNorm,), report=True)
-    assert set(changes) == {"1", "7"} and type(model[3]) is nn.LayerNorm
+    assert set(changes) == {"1", "8"} and type(model[4]) is nn.LayerNorm
 
 
 def test_convert_says_when_a_model_has_no_normalization_layer():

@@ -110,9 +110,11 @@ def convert(model: nn.Module, norm: str, num_groups: int = 4, virtual_batches: i
 
     Where a setting cannot carry (``affine=False`` into FRN, which needs its parameters; a
     frozen layer's new parameters), the report says what was done instead. FRN and EvoNorm
-    also replace the activation: a layer converts to them only where an ``nn.ReLU`` follows
-    it in the same ``nn.Sequential`` (past Dropout or Identity), and that ReLU becomes
-    ``nn.Identity``.
+    also replace the activation: where an ``nn.ReLU`` follows the layer in the same
+    ``nn.Sequential`` (past Dropout or Identity), that ReLU becomes ``nn.Identity``; where
+    none does (a residual block's last norm, before the addition, or a ReLU called as
+    ``F.relu``), the new layer is built without its activation (``apply_act=False``), as
+    timm builds such networks, and the report says so.
 
     Every layer is checked before anything changes: a refusal leaves ``model`` as it was.
 
@@ -283,24 +285,30 @@ def _refused_type(layer: nn.Module) -> _Refusal | None:
 def _relus_after(step: _Step) -> _Refusal | None:
     """Find, for every place of ``step``'s layer, the ReLU that follows it in its
     nn.Sequential (past Dropout and Identity: ReLU commutes with dropout's positive
-    scaling); a refusal if one place has none."""
-    for slot in step.slots:
-        relu = None
-        if isinstance(slot.parent, nn.Sequential):
-            keys = list(slot.parent._modules)
-            for key in keys[keys.index(slot.key) + 1:]:
-                child = slot.parent._modules[key]
-                if isinstance(child, nn.ReLU):
-                    relu = _Slot(slot.parent, key, slot.name.rpartition(".")[0] + f".{key}"
-                                 if "." in slot.name else key)
-                    break
-                if not isinstance(child, nn.Dropout | nn.Identity):
-                    break
-        if relu is None:
-            return _Refusal("with no nn.ReLU after them in their nn.Sequential, which this "
-                            "target replaces together with the norm",
-                            "convert to a norm without its own activation", type(step.old))
-        step.relus.append(relu)
+    scaling). A layer no ReLU follows anywhere (a residual block's last norm, before the
+    addition) becomes the target without its activation (``apply_act=False``, as timm
+    builds such networks); a shared layer followed by a ReLU in some places only is refused."""
+    found = [_relu_after(slot) for slot in step.slots]
+    if all(relu is None for relu in found):
+        return None
+    if any(relu is None for relu in found):
+        return _Refusal("used in several places, with an nn.ReLU after them in some only",
+                        "convert to a norm without its own activation", type(step.old))
+    step.relus.extend(found)
+    return None
+
+
+def _relu_after(slot: _Slot) -> _Slot | None:
+    if not isinstance(slot.parent, nn.Sequential):
+        return None
+    keys = list(slot.parent._modules)
+    for key in keys[keys.index(slot.key) + 1:]:
+        child = slot.parent._modules[key]
+        if isinstance(child, nn.ReLU):
+            return _Slot(slot.parent, key, slot.name.rpartition(".")[0] + f".{key}"
+                         if "." in slot.name else key)
+        if not isinstance(child, nn.Dropout | nn.Identity):
+            return None
     return None
 
 
@@ -344,6 +352,9 @@ def _replacement(step: _Step, record: Norm, num_groups: int, virtual_batches: in
         return _Refusal(f"of {channels} channels, which num_groups={num_groups} does not divide",
                         "pick a num_groups that divides every layer's channels")
     settings, notes = _carried(old, record)
+    if record.activation and not step.relus:
+        settings["apply_act"] = False
+        notes.append("no nn.ReLU after it: without its activation")
     try:
         new = make_norm(record.name, channels, num_groups, virtual_batches,
                         None if record.dims == (1, 2, 3) and _layer_dims(old) is None

@@ -25,6 +25,10 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _act_repr(layer: nn.Module) -> str:
+    return "" if layer.apply_act else ", apply_act=False"
+
+
 def _check_2d(layer: nn.Module, x: torch.Tensor) -> None:
     if x.dim() != 4:
         raise ValueError(f"{type(layer).__name__} expects (N, C, H, W) input, got "
@@ -40,18 +44,21 @@ class FilterResponseNorm2d(nn.Module):
     mean subtraction; it **replaces the norm and the ReLU** after a convolution. ε = 1e-6 (the
     paper's; it suggests a learned ε for 1×1 maps, which normlab's model never has).
     Parameters ``weight`` (γ), ``bias`` (β) and ``tau`` (τ), as timm names them.
+    ``apply_act=False`` drops the threshold (no τ): the normalization alone, for a norm no
+    ReLU follows (a residual block's last, before the addition), as timm's ``apply_act``.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-6, device=None, dtype=None) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-6, *, apply_act: bool = True,
+                 device=None, dtype=None) -> None:
         super().__init__()
-        self.num_features, self.eps = num_features, eps
+        self.num_features, self.eps, self.apply_act = num_features, eps, apply_act
         kw = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.ones(num_features, **kw))
         self.bias = nn.Parameter(torch.zeros(num_features, **kw))
-        self.tau = nn.Parameter(torch.zeros(num_features, **kw))
+        self.tau = nn.Parameter(torch.zeros(num_features, **kw)) if apply_act else None
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}{_act_repr(self)}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_2d(self, x)
@@ -59,8 +66,8 @@ class FilterResponseNorm2d(nn.Module):
         nu2 = torch.linalg.vector_norm(_wide(x), dim=(2, 3), keepdim=True).square() \
             / (x.shape[2] * x.shape[3])
         scale = torch.rsqrt(nu2 + self.eps).to(x.dtype) * _per_channel(self.weight, x)
-        return torch.maximum(torch.addcmul(_per_channel(self.bias, x), x, scale),
-                             _per_channel(self.tau, x))
+        y = torch.addcmul(_per_channel(self.bias, x), x, scale)
+        return torch.maximum(y, _per_channel(self.tau, x)) if self.apply_act else y
 
 
 class EvoNorm2dB0(nn.Module):
@@ -73,25 +80,30 @@ class EvoNorm2dB0(nn.Module):
     ``virtual_batches`` (each part its own batch variance) and keeps a running variance
     (unbiased, momentum 0.1, as timm); under data parallelism each device uses its own part.
     ε = 1e-3 and the parameter names ``weight``, ``bias``, ``v`` and buffer ``running_var``
-    are timm's. It **replaces the norm and the ReLU**.
+    are timm's. It **replaces the norm and the ReLU**. ``apply_act=False`` keeps the left
+    side of the maximum, y = x / √(var_{N,H,W}(x) + ε) · γ + β (no ``v``): the normalization
+    without the nonlinearity, for a norm no ReLU follows. (timm's ``apply_act=False`` drops
+    the division too, leaving only γ x + β; normlab keeps the layer a normalization.)
     """
 
     def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.1, *,
-                 virtual_batches: int = 1, device=None, dtype=None) -> None:
+                 virtual_batches: int = 1, apply_act: bool = True, device=None,
+                 dtype=None) -> None:
         super().__init__()
         if virtual_batches < 1:
             raise ValueError(f"virtual_batches must be >= 1, got {virtual_batches}")
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.virtual_batches = virtual_batches
+        self.virtual_batches, self.apply_act = virtual_batches, apply_act
         kw = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.ones(num_features, **kw))
         self.bias = nn.Parameter(torch.zeros(num_features, **kw))
-        self.v = nn.Parameter(torch.ones(num_features, **kw))
+        self.v = nn.Parameter(torch.ones(num_features, **kw)) if apply_act else None
         self.register_buffer("running_var", torch.ones(num_features, **kw))
 
     def extra_repr(self) -> str:
         extra = f", virtual_batches={self.virtual_batches}" if self.virtual_batches > 1 else ""
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}{extra}"
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}{extra}"
+                f"{_act_repr(self)}")
 
     def _batch_var(self, mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor
                    ) -> torch.Tensor:
@@ -136,9 +148,11 @@ class EvoNorm2dB0(nn.Module):
         batch = self._batch_var(mean, var, x) if self.training \
             else _per_channel(self.running_var, var)
         left = (batch + self.eps).sqrt().to(x.dtype)
-        right = torch.addcmul((var + self.eps).sqrt().to(x.dtype), x, _per_channel(self.v, x))
-        return torch.addcmul(_per_channel(self.bias, x), x / torch.maximum(left, right),
-                             _per_channel(self.weight, x))
+        if self.apply_act:
+            right = torch.addcmul((var + self.eps).sqrt().to(x.dtype), x,
+                                  _per_channel(self.v, x))
+            left = torch.maximum(left, right)
+        return torch.addcmul(_per_channel(self.bias, x), x / left, _per_channel(self.weight, x))
 
 
 class EvoNorm2dS0(nn.Module):
@@ -149,22 +163,24 @@ class EvoNorm2dS0(nn.Module):
     the variance per image and group of channels, as Group Norm's (biased); no batch
     statistics and no running state. ε = 1e-5, ``groups`` as Group Norm's, parameter names
     ``weight``, ``bias``, ``v`` as timm's. It **replaces the norm and the ReLU**.
+    ``apply_act=False`` drops the sigmoid gate (no ``v``), as timm's: y = x / σ · γ + β.
     """
 
-    def __init__(self, num_features: int, groups: int = 4, eps: float = 1e-5, device=None,
-                 dtype=None) -> None:
+    def __init__(self, num_features: int, groups: int = 4, eps: float = 1e-5, *,
+                 apply_act: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         if groups < 1 or num_features % groups:
             raise ValueError(f"num_groups={groups} does not divide {num_features} channels; "
                              f"pick a divisor of {num_features}")
         self.num_features, self.groups, self.eps = num_features, groups, eps
+        self.apply_act = apply_act
         kw = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.ones(num_features, **kw))
         self.bias = nn.Parameter(torch.zeros(num_features, **kw))
-        self.v = nn.Parameter(torch.ones(num_features, **kw))
+        self.v = nn.Parameter(torch.ones(num_features, **kw)) if apply_act else None
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, groups={self.groups}, eps={self.eps}"
+        return f"{self.num_features}, groups={self.groups}, eps={self.eps}{_act_repr(self)}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_2d(self, x)
@@ -173,26 +189,99 @@ class EvoNorm2dS0(nn.Module):
                                 keepdim=True)
         inv = torch.rsqrt(var + self.eps).expand(n, self.groups, c // self.groups)
         scale = inv.reshape(n, c, 1, 1).to(x.dtype) * _per_channel(self.weight, x)
-        return torch.addcmul(_per_channel(self.bias, x),
-                             x * torch.sigmoid(x * _per_channel(self.v, x)), scale)
+        gated = x * torch.sigmoid(x * _per_channel(self.v, x)) if self.apply_act else x
+        return torch.addcmul(_per_channel(self.bias, x), gated, scale)
 
 
-class StdConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with Weight Standardization (Qiao et al. 2019): every forward, each output
-    filter is standardised to zero mean and unit variance over its inputs and kernel
-    positions (biased variance, ε = 1e-6 inside the square root, as timm's ``StdConv2d``)
-    before the convolution. The stored ``weight`` stays the raw one, so weights load as for
-    ``nn.Conv2d``. Meant for convolutions followed by a normalization: it removes the
-    filters' scale, which the following norm then has to supply."""
+class _WeightStandardized:
+    """Weight Standardization (Qiao et al. 2019) for a convolution of any dimension: every
+    forward, each output filter is standardised to zero mean and unit variance over its inputs
+    and kernel positions (biased variance, ε = 1e-6 inside the square root, as timm's
+    ``StdConv2d``) before the convolution. The stored ``weight`` stays the raw one, so weights
+    load as for the plain convolution. Meant for convolutions followed by a normalization: it
+    removes the filters' scale, which the following norm then has to supply."""
 
-    def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.eps = eps
+    eps: float
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    out_channels: int
 
     def standardised_weight(self) -> torch.Tensor:
-        # Batch Norm's kernel over (1, out, in * kh * kw): one mean and variance per filter.
+        # Batch Norm's kernel over (1, out, in * k...): one mean and variance per filter.
         return F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
                             training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.standardised_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, eps={self.eps}"
+
+
+class StdConv1d(_WeightStandardized, nn.Conv1d):
+    """``nn.Conv1d`` with Weight Standardization (see ``StdConv2d``)."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+
+class StdConv2d(_WeightStandardized, nn.Conv2d):
+    """``nn.Conv2d`` with Weight Standardization (Qiao et al. 2019): every forward, each output
+    filter is standardised to zero mean and unit variance over its inputs and kernel
+    positions (biased variance, ε = 1e-6 inside the square root, as timm's ``StdConv2d``)
+    before the convolution. The stored ``weight`` stays the raw one, so weights load as for
+    ``nn.Conv2d``."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+
+class StdConv3d(_WeightStandardized, nn.Conv3d):
+    """``nn.Conv3d`` with Weight Standardization (see ``StdConv2d``)."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+
+_STD_CONV = {nn.Conv1d: StdConv1d, nn.Conv2d: StdConv2d, nn.Conv3d: StdConv3d}
+
+
+def standardize_weights(model: nn.Module, eps: float = 1e-6) -> nn.Module:
+    """Give every ``nn.Conv1d/2d/3d`` of ``model`` Weight Standardization, in place: each
+    becomes ``StdConv1d/2d/3d`` holding the very same ``weight`` and ``bias`` parameters
+    (so their values, ``requires_grad`` and any optimizer state stay), settings, mode and
+    hooks; a convolution used in several places stays one module. Convolutions that are
+    already standardised are left alone. Draws no random numbers, so the model's seed gives
+    the same training as a model built with ``StdConv`` layers from the start. Returns the
+    model (a new one if ``model`` itself is a convolution).
+
+    Example: ``standardize_weights(convert(resnet, "group"))`` is GN+WS (Qiao et al.)."""
+    done: dict[int, nn.Module] = {}
+
+    def swap(conv: nn.Module) -> nn.Module:
+        if id(conv) not in done:
+            cls = _STD_CONV[type(conv)]
+            # Built on the meta device: its initialisation draws no random numbers and
+            # allocates nothing; its parameters are then the old ones.
+            new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                conv.padding_mode, eps=eps, device="meta")
+            new.weight, new.bias = conv.weight, conv.bias
+            new.train(conv.training)
+            for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                          "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+                          "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+                setattr(new, hooks, getattr(conv, hooks))
+            done[id(conv)] = new
+        return done[id(conv)]
+
+    if type(model) in _STD_CONV:
+        return swap(model)
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is not None and type(child) in _STD_CONV:
+                setattr(parent, key, swap(child))
+    return model
