@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
+from torch import nn
 
 from . import __version__
-from .errors import CheckpointError, disk_full  # noqa: F401 - disk_full: for callers
+from .errors import CheckpointError, UsageError, disk_full  # noqa: F401 - for callers
 from .model import Net
 
 WEIGHTS_SUFFIX = ".safetensors"
@@ -66,15 +67,18 @@ def save_model(model: Net, path: str | Path, **meta: Any) -> None:
     """Save the weights as safetensors with what rebuilds the model (norm, groups, dropout
     and the conv stack, so that a file outlives a change of the default architecture) and
     ``meta`` (variant, seed, accuracy, revision ...) in the metadata header, as strings."""
-    config = dict(norm=model.norm, num_groups=model.num_groups, dropout=model.dropout,
-                  architecture=[list(layer) for layer in model.architecture])
-    if model.virtual_batches > 1:
-        config["virtual_batches"] = model.virtual_batches
-    if model.weight_std:
-        config["weight_std"] = True
+    config = getattr(model, "normlab_config", None)  # a --model network
+    if config is None:
+        config = dict(norm=model.norm, num_groups=model.num_groups, dropout=model.dropout,
+                      architecture=[list(layer) for layer in model.architecture])
+        if model.virtual_batches > 1:
+            config["virtual_batches"] = model.virtual_batches
+        if model.weight_std:
+            config["weight_std"] = True
     header = {"format": WEIGHTS_FORMAT, "normlab": __version__, "config": json.dumps(config),
-              "norm": model.norm, "num_groups": str(model.num_groups),
-              "architecture": json.dumps(config["architecture"]),
+              "norm": config["norm"], "num_groups": str(config["num_groups"]),
+              **({"architecture": json.dumps(config["architecture"])}
+                 if "architecture" in config else {}),
               **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, safetensors_bytes(tensors, metadata=header))
@@ -126,13 +130,34 @@ def load_model_and_meta(path: str | Path, map_location: str | torch.device = "cp
                         ) -> tuple[Net, dict[str, str]]:
     """``load_model``, and the file's metadata (variant, seed, test_acc, how it trained)."""
     config, state, meta = read_weights(path)
-    model = Net(**config)
+    model = rebuild(config, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit Net({config}): "
+        built = config["model"]["spec"] if "model" in config else f"Net({config})"
+        raise CheckpointError(f"{path}: weights do not fit {built}: "
                               f"{_first_lines(exc)}") from None
     return model.to(map_location), meta
+
+
+def rebuild(config: dict[str, Any], path: str | Path = "<weights>") -> nn.Module:
+    """An untrained model as a weights file's ``config`` describes it: normlab's ``Net``, or
+    the ``--model`` network it was trained as (rebuilt from its spec, which must import)."""
+    if "model" not in config:
+        return Net(**config)
+    from .modelspec import ModelSpec  # imports convert: only where a --model is rebuilt
+
+    described = config["model"]
+    spec = ModelSpec(described["spec"], tuple(sorted(described.get("args", {}).items())),
+                     described.get("outputs") == "logits")
+    try:
+        model = spec.variant(config["norm"], config["num_groups"],
+                             config.get("virtual_batches", 1), config.get("weight_std", False),
+                             config["in_channels"], config["num_classes"])
+    except UsageError as exc:
+        raise CheckpointError(f"{path}: its model cannot be rebuilt ({exc})") from None
+    model.normlab_config = config
+    return model
 
 
 def convert_weights(path: str | Path, **meta: Any) -> Path:

@@ -271,6 +271,21 @@ class Data:
     spec: DatasetSpec
     eval_split: str = "test"
 
+    @property
+    def in_channels(self) -> int:
+        """Channels of one input (images held as N x H x W have one)."""
+        return 1 if self.train_images.dim() == 3 else self.train_images.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.spec.classes)
+
+    def example(self, n: int = 2) -> torch.Tensor:
+        """The first ``n`` training inputs as the model sees them (normalised floats)."""
+        loader = Loader(self.train_images[:n], self.train_labels[:n], n, mean=self.spec.mean,
+                        std=self.spec.std)
+        return next(iter(loader))[0]
+
 
 def load_data(data_dir: str | os.PathLike | None = None, dataset: str | DatasetSpec = "mnist",
               limit_train: int | None = None, download_missing: bool = True,

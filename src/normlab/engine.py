@@ -34,6 +34,7 @@ from .device import (  # noqa: F401 - also part of engine's documented API
 )
 from .errors import UsageError
 from .model import ARCHITECTURE, Net
+from .modelspec import ModelSpec
 from .norms import RenormSchedule
 from .step import (  # noqa: F401 - also part of engine's documented API
     CudaGraphStep,
@@ -234,6 +235,7 @@ class TrainConfig:
     architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE
     virtual_batch_size: int | None = None  # images per Batch Norm statistic (None: all)
     weight_std: bool = False
+    model: ModelSpec | None = None  # a model of your own (None: normlab's Net)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -257,6 +259,8 @@ class TrainConfig:
                     if v not in (None, 1)})
         if self.weight_std:
             key["weight_std"] = True
+        if self.model is not None:  # architecture and dropout then say nothing
+            key["model"] = self.model.describe()
         return key
 
 
@@ -306,7 +310,7 @@ class EpochCallback(Hook):
 class _Training:
     """One run's moving parts, made by ``_prepare``."""
 
-    net: Net
+    net: nn.Module  # Net, or the model of a ModelSpec
     model: nn.Module  # net, or net in DistributedDataParallel
     train_loader: Loader
     test_loader: Loader
@@ -405,9 +409,18 @@ def _prepare(config: TrainConfig, precision: str, device: torch.device, data: Da
     parts = virtual_batches_per_process(len(data.train_labels), config.batch_size, world,
                                         config.virtual_batch_size)
     torch.manual_seed(config.seed)
-    net = Net(config.norm, num_groups=config.num_groups, dropout=config.dropout,
-              architecture=config.architecture, virtual_batches=parts,
-              weight_std=config.weight_std).to(device)
+    if config.model is None:
+        net = Net(config.norm, num_groups=config.num_groups, dropout=config.dropout,
+                  architecture=config.architecture, virtual_batches=parts,
+                  weight_std=config.weight_std).to(device)
+    else:
+        net = config.model.variant(config.norm, config.num_groups, parts, config.weight_std,
+                                   data.in_channels, data.num_classes).to(device)
+        # what rebuilds it from a weights file (checkpoint.save_model / load_model)
+        net.normlab_config = dict(model=config.model.describe(), norm=config.norm,
+                                  num_groups=config.num_groups, virtual_batches=parts,
+                                  weight_std=config.weight_std, in_channels=data.in_channels,
+                                  num_classes=data.num_classes)
     # Plain Batch Norm keeps per-device running statistics: no buffer broadcasts each step,
     # an average once an epoch instead (distributed.average_running_stats).
     model = net if world == 1 else DistributedDataParallel(

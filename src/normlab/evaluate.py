@@ -22,6 +22,7 @@ with running averages of them. The modes (``BN_STATS``):
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .checkpoint import CheckpointError, load_model_and_meta
 from .data import Data, Loader, load_data, make_loaders
@@ -60,9 +62,15 @@ class Trained:
     test_acc: float | None = None  # what the run recorded
 
 
-def batch_dependent(model: Net) -> bool:
+def norm_of(model: nn.Module) -> str:
+    """The normalization a normlab-trained model uses (``Net`` or a ``--model`` network)."""
+    config = getattr(model, "normlab_config", None)
+    return config["norm"] if config is not None else model.norm
+
+
+def batch_dependent(model: nn.Module) -> bool:
     """Whether ``model``'s norm normalises with statistics of the batch in training."""
-    return NORMS[model.norm].batch_dependent
+    return NORMS[norm_of(model)].batch_dependent
 
 
 def load_trained(path: str | Path, device: torch.device) -> tuple[Net, Trained]:
@@ -82,9 +90,9 @@ def load_trained(path: str | Path, device: torch.device) -> tuple[Net, Trained]:
                               f"evaluate weights in the folder normlab wrote them to")
     if "images_per_statistic" not in merged:  # a compare: per process, or per virtual batch
         per_process = merged["batch_size"] // merged.get("world_size", 1)
-        merged["images_per_statistic"] = (None if NORMS[model.norm].synchronized else
+        merged["images_per_statistic"] = (None if NORMS[norm_of(model)].synchronized else
                                           merged.get("virtual_batch_size") or per_process)
-    if NORMS[model.norm].synchronized:  # statistics over the whole global batch
+    if NORMS[norm_of(model)].synchronized:  # statistics over the whole global batch
         merged["images_per_statistic"] = merged["batch_size"]
     if not batch_dependent(model):
         merged["images_per_statistic"] = None
@@ -141,11 +149,8 @@ def evaluate_model(model: Net, data: Data, trained: Trained, mode: str, device: 
     return test(model, device, test_loader, trained.precision)
 
 
-def _copy(model: Net) -> Net:
-    clone = Net(model.norm, model.num_groups, model.dropout, model.architecture,
-                virtual_batches=model.virtual_batches, weight_std=model.weight_std)
-    clone.load_state_dict(model.state_dict())
-    return clone.to(next(model.parameters()).device)
+def _copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
 
 
 @torch.inference_mode()

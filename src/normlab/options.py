@@ -66,6 +66,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options every training command shares: data, output, device, L1, resume, parallelism."""
     p.add_argument("--l1", type=non_negative_float, default=DEFAULTS["lambda_l1"],
                    metavar="LAMBDA", help="L1 weight for variants with L1 (default: %(default)s)")
+    p.add_argument("--model", metavar="SPEC",
+                   help="train your own network instead of normlab's small CNN: "
+                   "package.module:callable or path/to/file.py:callable returning an "
+                   "nn.Module; each variant is it with its norms converted "
+                   "(normlab.norms.convert)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="a keyword argument of the --model callable, as a Python literal "
+                   "(repeatable); in_channels and num_classes come from the data unless set")
     p.add_argument("--dataset", choices=list(DATASETS), default="mnist")
     p.add_argument("--data-dir", help="folder with the four IDX files (default: $NORMLAB_DATA "
                    "for mnist, $NORMLAB_FASHION_MNIST_DATA or Debian's dataset-fashion-mnist "

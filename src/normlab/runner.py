@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, modelspec
 from .checkpoint import write_json
 from .data import Data
 from .device import resolve_precision, select_device
@@ -48,6 +48,7 @@ from .errors import CheckpointError, DataError, UsageError, WorkerDied, error_li
 from .experiments.base import Experiment, Run, Settings
 from .folder import apply_config, open_resume, prepare_out, run_lock
 from .model import Net
+from .modelspec import ModelSpec
 from .norms import NORMS
 from .provenance import environment
 from .variants import VARIANTS
@@ -76,7 +77,7 @@ def execute(run: Run, experiment: Experiment, s: Settings, data: Data, device: t
         variant.norm, lambda_l1=s.lambda_l1 if variant.l1 else 0.0, num_groups=s.num_groups,
         epochs=s.epochs, seed=run.seed, batch_size=run.batch_size, lr=run.lr,
         precision=s.precision, weight_std=variant.weight_std,
-        virtual_batch_size=run.virtual_batch_size_given(s.virtual_batch_size))
+        virtual_batch_size=run.virtual_batch_size_given(s.virtual_batch_size), model=s.model)
     hooks: list[Hook] = []
     if s.writes and experiment.epoch_lines:
         hooks.append(EpochLines(run.label, s.epochs, data.eval_split))
@@ -212,6 +213,26 @@ def build_models(variants: list[str], num_groups: int) -> dict[str, Net]:
     return {name: Net(VARIANTS[name].norm, num_groups=num_groups) for name in variants}
 
 
+def model_spec(args: argparse.Namespace) -> ModelSpec | None:
+    """The --model of the command line, or the one a resumed record names (refused if its
+    code changed since); None for normlab's own Net."""
+    given = getattr(args, "model", None)
+    if given is None:
+        return None
+    if isinstance(given, dict):  # put back from the record by --resume
+        return ModelSpec.from_record(given, str(args.resume))
+    return ModelSpec.parse(given, getattr(args, "model_arg", None))
+
+
+def check_model(spec: ModelSpec, variants: list[str], num_groups: int, data: Data
+                ) -> tuple[ModelSpec, dict[str, int]]:
+    """Every variant of the user's model built and run on two inputs of ``data`` before any
+    training: one line for whatever would fail later."""
+    return modelspec.check(spec, {v: (VARIANTS[v].norm, VARIANTS[v].weight_std)
+                                  for v in variants}, num_groups, data.example(),
+                           data.num_classes)
+
+
 def _device_for(args: argparse.Namespace, ranks: Ranks) -> torch.device:
     device = select_device(args.device)
     if ranks.distributed and device.type == "cuda":  # one GPU per local rank
@@ -295,7 +316,8 @@ def run_experiment(experiment: Experiment) -> int:
     experiment.check()
     args = experiment.args
     ranks = distributed.from_env()
-    build_models(experiment.variants(), args.num_groups)  # fail fast, before any data is read
+    if model_spec(args) is None:  # fail fast, before any data is read
+        build_models(experiment.variants(), args.num_groups)
     if args.tensorboard is not None:
         try:
             importlib.import_module("torch.utils.tensorboard")  # needs tensorboard installed
@@ -371,8 +393,16 @@ class _Phases:
         args.out = self.out  # named in the message if interrupted
 
     def load_data(self) -> None:
-        self.data = _on_every_rank(
-            self.ranks, lambda: _load_and_check(self.experiment, self.record, self.ranks))
+        def load() -> Data:
+            data = _load_and_check(self.experiment, self.record, self.ranks)
+            self.model, self.parameters = None, None
+            spec = model_spec(self.args)
+            if spec is not None:  # the user's model, checked on this data
+                self.model, self.parameters = check_model(
+                    spec, self.experiment.variants(), self.args.num_groups, data)
+            return data
+
+        self.data = _on_every_rank(self.ranks, load)
 
     def start_record(self) -> None:
         args, ranks, data = self.args, self.ranks, self.data
@@ -387,6 +417,9 @@ class _Phases:
                            **self.experiment.new_record(data)}
             self.record["config"].update(world_size=ranks.world_size,
                                          virtual_batch_size=args.virtual_batch_size)
+            if self.model is not None:  # what rebuilds it, and its size per variant
+                self.record["config"]["model"] = {**self.model.describe(),
+                                                  "parameters": self.parameters}
         record = self.record
         if "environment" not in record:
             record["environment"] = environment(self.device)
@@ -418,7 +451,8 @@ class _Phases:
         settings = Settings(self.out, args.epochs, args.l1, args.num_groups, args.precision,
                             args.virtual_batch_size, not args.no_progress,
                             self.record["environment"]["git_revision"], args.tensorboard,
-                            writes=ranks.leader, world_size=ranks.world_size)
+                            writes=ranks.leader, world_size=ranks.world_size,
+                            model=self.model)
         # An experiment that prints every epoch announces each run as it starts; otherwise
         # (and with --jobs, whose runs interleave) one line per finished run says how it went.
         starts = ranks.leader and self.experiment.epoch_lines

@@ -17,6 +17,7 @@ import torch
 
 from ..data import Data
 from ..model import Net
+from ..modelspec import ModelSpec
 from ..norms import NORMS
 from ..variants import VARIANTS
 
@@ -73,6 +74,7 @@ class Settings:
     tensorboard: Path | None = None  # log every run's epochs here, one TensorBoard run each
     writes: bool = True  # rank 0 (or a single process): writes weights and figures
     world_size: int = 1  # processes each run is spread over (torchrun)
+    model: ModelSpec | None = None  # the user's model (--model); None: normlab's Net
 
 
 class Experiment:

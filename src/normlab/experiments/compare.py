@@ -117,7 +117,9 @@ class Compare(Experiment):
         a, variant = self.args, VARIANTS[run.variant]
         entry = record["variants"].setdefault(run.variant, dict(
             label=variant.label, norm=variant.norm, lambda_l1=a.l1 if variant.l1 else 0.0,
-            params=count_parameters(Net(variant.norm, num_groups=a.num_groups)), runs=[]))
+            params=record["config"]["model"]["parameters"][run.variant]
+            if "model" in record["config"]
+            else count_parameters(Net(variant.norm, num_groups=a.num_groups)), runs=[]))
         entry["runs"].append(result)
         # --jobs finishes runs in any order; the record keeps the command line's order.
         entry["runs"].sort(key=lambda r: a.seeds.index(r["seed"]))

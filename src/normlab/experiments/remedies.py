@@ -431,9 +431,10 @@ def _parameter_lines(record: dict[str, Any]) -> list[str]:
     """Trainable parameters of every variant (FRN and EvoNorm add a vector per layer)."""
     cfg = record["config"]
     names = [*cfg["variants"], *cfg.get("references", [])]
-    counts = {v: sum(p.numel() for p in Net(VARIANTS[v].norm, num_groups=cfg["num_groups"],
-                                            weight_std=VARIANTS[v].weight_std).parameters())
-              for v in names}
+    counts = cfg["model"]["parameters"] if "model" in cfg else {
+        v: sum(p.numel() for p in Net(VARIANTS[v].norm, num_groups=cfg["num_groups"],
+                                      weight_std=VARIANTS[v].weight_std).parameters())
+        for v in names}
     return ["## Parameters", "",
             "| variant | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
             "| trainable parameters | " + " | ".join(f"{counts[v]:,}" for v in names) + " |",
