@@ -249,14 +249,20 @@ class StdConv3d(_WeightStandardized, nn.Conv3d):
 _STD_CONV = {nn.Conv1d: StdConv1d, nn.Conv2d: StdConv2d, nn.Conv3d: StdConv3d}
 
 
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, FilterResponseNorm2d,
+                EvoNorm2dB0, EvoNorm2dS0)
+
+
 def standardize_weights(model: nn.Module, eps: float = 1e-6) -> nn.Module:
-    """Give every ``nn.Conv1d/2d/3d`` of ``model`` Weight Standardization, in place: each
-    becomes ``StdConv1d/2d/3d`` holding the very same ``weight`` and ``bias`` parameters
-    (so their values, ``requires_grad`` and any optimizer state stay), settings, mode and
-    hooks; a convolution used in several places stays one module. Convolutions that are
-    already standardised are left alone. Draws no random numbers, so the model's seed gives
-    the same training as a model built with ``StdConv`` layers from the start. Returns the
-    model (a new one if ``model`` itself is a convolution).
+    """Give Weight Standardization to every ``nn.Conv1d/2d/3d`` of ``model`` that a
+    normalization layer follows (the next convolution or norm registered after it is a
+    norm), in place, as Qiao et al. use it: the norm after it supplies the scale WS removes.
+    Other convolutions (a classifier) stay plain. Each becomes ``StdConv1d/2d/3d`` holding
+    the very same ``weight`` and ``bias`` parameters (so their values, ``requires_grad`` and
+    any optimizer state stay), settings, mode and hooks; a convolution used in several
+    places stays one module. Draws no random numbers, so the model's seed gives the same
+    training as a model built with ``StdConv`` layers from the start. Returns the model (a
+    new one if ``model`` itself is a convolution, which is then always standardised).
 
     Example: ``standardize_weights(convert(resnet, "group"))`` is GN+WS (Qiao et al.)."""
     done: dict[int, nn.Module] = {}
@@ -280,8 +286,15 @@ def standardize_weights(model: nn.Module, eps: float = 1e-6) -> nn.Module:
 
     if type(model) in _STD_CONV:
         return swap(model)
+    chosen, last = set(), None
+    for module in model.modules():  # registration order, each module once
+        if type(module) in _STD_CONV:
+            last = module
+        elif isinstance(module, _NORM_LAYERS) and last is not None:
+            chosen.add(id(last))
+            last = None
     for parent in list(model.modules()):
         for key, child in list(parent._modules.items()):
-            if child is not None and type(child) in _STD_CONV:
+            if child is not None and id(child) in chosen:
                 setattr(parent, key, swap(child))
     return model

@@ -33,7 +33,15 @@ from .batchnorm import (
     RenormSchedule,
     renorm_limits,
 )
-from .normact import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNorm2d, StdConv2d
+from .normact import (
+    EvoNorm2dB0,
+    EvoNorm2dS0,
+    FilterResponseNorm2d,
+    StdConv1d,
+    StdConv2d,
+    StdConv3d,
+    standardize_weights,
+)
 
 # Also importable from here, though defined in their own modules (see the end):
 # convert, to_torch (normlab.convert); precise_bn, batch_statistics, statistics_seen
@@ -41,8 +49,9 @@ from .normact import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNorm2d, StdConv2d
 __all__ = ["ACT_NORMS", "BATCH_NORMS", "FAST_MIN_PIXELS", "NORMS", "VIRTUAL_BATCH_NORMS",
            "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm",
            "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "EvoNorm2dB0", "EvoNorm2dS0",
-           "FilterResponseNorm2d", "Norm", "RenormSchedule", "StdConv2d", "check_norm",
-           "make_norm", "norm_record", "renorm_limits"]
+           "FilterResponseNorm2d", "Norm", "RenormSchedule", "StdConv1d", "StdConv2d",
+           "StdConv3d", "check_norm", "make_norm", "norm_record", "renorm_limits",
+           "standardize_weights"]
 
 _BATCH = {None: BatchNorm, 1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
 _RENORM = {None: BatchRenorm, 1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}

@@ -377,6 +377,7 @@ class _Phases:
             if not ranks.leader:
                 return None, Path(".")
             record = open_resume(args, self.experiment.record_name) if args.resume else None
+            model_spec(args)  # a resumed --model whose code changed is refused here
             out = args.resume or prepare_out(args.out, self.experiment.name,
                                              self.experiment.record_name)
             stack.enter_context(run_lock(out))
