@@ -1,8 +1,6 @@
 import gzip
 import hashlib
-import http.server
 import socket
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -130,26 +128,6 @@ def test_data_dir_precedence(tmp_path, monkeypatch, tiny):
     assert D.resolve_data_dir(None, with_system) == folder
     assert D.resolve_data_dir(None, spec) == D.default_data_dir(spec)
     assert "normlab" in str(D.default_data_dir(spec))
-
-
-@pytest.fixture
-def file_server(tmp_path):
-    """A local HTTP server standing in for a dataset mirror (no network needed)."""
-    root = tmp_path / "mirror"
-    root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
 
 
 def _closed_port_url() -> str:

@@ -100,3 +100,11 @@ def test_bootstrap_share_of_a_loss_won_back():
     assert bootstrap_share({k: 3.0 for k in same}, same, {k: 2.0 for k in same}) == \
         pytest.approx((0.5, 0.5, 0.5))
     assert all(math.isnan(v) for v in bootstrap_share({1: 2.0}, {1: 1.0}, {1: 1.5}))
+
+
+def test_bootstrap_share_where_there_is_no_loss_to_win_back():
+    """Batch Norm no worse at few images than at many (a small model or data set): the share
+    and its interval are undefined, not an error."""
+    small, large = {1: 10.0, 2: 11.0, 3: 9.0}, {1: 12.0, 2: 12.0, 3: 12.0}
+    share, low, high = bootstrap_share(small, large, {1: 8.0, 2: 8.0, 3: 8.0})
+    assert math.isnan(share) and math.isnan(low) and math.isnan(high)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, load_model_and_meta
-from .data import Data, Loader, load_data, make_loaders
+from .data import Data, load_data, make_loaders
 from .device import at_least_fp32, autocast
 from .engine import test
 from .model import Net
@@ -135,13 +135,13 @@ def evaluate_model(model: Net, data: Data, trained: Trained, mode: str, device: 
                          f"{trained.batch_size} images (the run's batch size); give at least "
                          f"{trained.batch_size}")
     if mode == "precise-augmented":  # the training loader's batches, as fvcore takes them
-        train = Loader(data.train_images, data.train_labels, trained.batch_size, shuffle=True,
-                       augment=True, seed=PRECISE_SEED, device=device, mean=data.spec.mean,
-                       std=data.spec.std)
+        train = data.loader(data.train_images, data.train_labels, trained.batch_size,
+                            shuffle=True, augment=data.augment or data.spec.augment,
+                            seed=PRECISE_SEED, device=device)
     else:  # the first training images, in order, without augmentation, in the run's batches
-        train = Loader(data.train_images[:precise_images], data.train_labels[:precise_images],
-                       trained.batch_size, device=device, mean=data.spec.mean,
-                       std=data.spec.std)
+        train = data.loader(data.train_images[:precise_images],
+                            data.train_labels[:precise_images], trained.batch_size,
+                            device=device)
     grouped = trained.images_per_statistic if mode == "precise-grouped" else None
     with autocast(device, trained.precision):
         precise_bn(model, (x for x, _ in train), images=precise_images,
@@ -159,8 +159,8 @@ def _test_with(forward: Callable[[torch.Tensor], torch.Tensor], data: Data, trai
     """``engine.test`` for a forward that must see whole groups: test batches of a multiple
     of the group size, so that the groups are consecutive over the whole test set."""
     group = trained.images_per_statistic or trained.batch_size
-    loader = Loader(data.test_images, data.test_labels, group * max(1, 1024 // group),
-                    device=device, mean=data.spec.mean, std=data.spec.std)
+    loader = data.loader(data.test_images, data.test_labels, group * max(1, 1024 // group),
+                         device=device)
     total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     for x, y in loader:
         with autocast(device, trained.precision):

@@ -175,6 +175,18 @@ class ModelSpec:
         return nn.Sequential(model, nn.LogSoftmax(1)) if self.logits else model
 
 
+def model_argv(model: str | dict[str, Any] | None, model_arg: list[str] | None) -> list[str]:
+    """The --model and --model-arg options that name this model again (for a command that
+    normlab runs itself), from the command line's or a record's description."""
+    if model is None:
+        return []
+    if isinstance(model, dict):
+        spec, args = model["spec"], [f"{k}={v!r}" for k, v in model.get("args", {}).items()]
+    else:
+        spec, args = model, list(model_arg or [])
+    return ["--model", spec, *[x for a in args for x in ("--model-arg", a)]]
+
+
 def check(spec: ModelSpec, variants: dict[str, tuple[str, bool]], num_groups: int,
           example: torch.Tensor, num_classes: int) -> tuple[ModelSpec, dict[str, int]]:
     """Build every variant (name -> (norm, weight_std)) and run it on ``example`` (two inputs
@@ -197,8 +209,8 @@ def check(spec: ModelSpec, variants: dict[str, tuple[str, bool]], num_groups: in
             raise UsageError(f"--model {spec.spec}: its output is {shape}, normlab needs "
                              f"(N, {num_classes}) log-probabilities (end with log_softmax), "
                              f"one per class of the data")
-        if not spec.logits and not torch.allclose(out.float().logsumexp(1),
-                                                  torch.zeros(len(out)), atol=1e-3):
+        sums = out.float().logsumexp(1)
+        if not spec.logits and not torch.allclose(sums, torch.zeros_like(sums), atol=1e-3):
             spec = ModelSpec(spec.spec, spec.args, logits=True)
         counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return spec, counts

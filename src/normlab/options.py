@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .data import DATASETS
+from .data import AUGMENTS, NAMED
 from .device import PRECISIONS
 from .engine import DEFAULTS
 from .variants import VARIANTS
@@ -24,6 +24,14 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def dataset_arg(text: str) -> str:
+    kind, sep, where = text.partition(":")
+    if text in NAMED or (sep and kind in ("folder", "npz") and where):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(NAMED)}, folder:PATH or "
+                                     f"npz:PATH, got {text!r}")
 
 
 def jobs_arg(text: str) -> int | str:
@@ -74,10 +82,17 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="a keyword argument of the --model callable, as a Python literal "
                    "(repeatable); in_channels and num_classes come from the data unless set")
-    p.add_argument("--dataset", choices=list(DATASETS), default="mnist")
-    p.add_argument("--data-dir", help="folder with the four IDX files (default: $NORMLAB_DATA "
-                   "for mnist, $NORMLAB_FASHION_MNIST_DATA or Debian's dataset-fashion-mnist "
-                   "for fashion-mnist, else a per-user cache; missing files are downloaded)")
+    p.add_argument("--dataset", type=dataset_arg, default="mnist", metavar="DATASET",
+                   help=f"{', '.join(NAMED)}; folder:PATH (PATH/train/<class>/*.png|jpg and "
+                   f"PATH/test/<class>/*); or npz:PATH (x_train, y_train, x_test, y_test: "
+                   f"signals, images or volumes) (default: mnist)")
+    p.add_argument("--data-dir", help="folder with the dataset's files (default: "
+                   "$NORMLAB_DATA for mnist, $NORMLAB_FASHION_MNIST_DATA or Debian's "
+                   "dataset-fashion-mnist for fashion-mnist, else a per-user cache; missing "
+                   "files are downloaded)")
+    p.add_argument("--augment", choices=list(AUGMENTS), help="the training augmentation "
+                   "(default: affine for one-channel images, crop-flip for colour images, "
+                   "none for signals and volumes)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS["precision"],

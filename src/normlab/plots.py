@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
 from .checkpoint import atomic_write
@@ -98,7 +99,7 @@ def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
         if i >= len(mis.predicted):
             ax.set_axis_off()
             continue
-        ax.imshow(mis.images[i].numpy(), cmap="gray_r", vmin=0, vmax=255)
+        _show_image(ax, mis.images[i])
         ax.set_title(f"predicted {classes[mis.predicted[i]]} ({mis.confidence[i]:.0%})\n"
                      f"true {classes[mis.target[i]]}  ({split} #{mis.indices[i]})", fontsize=9)
     # Two lines: the figure is two images wide, and a variant's full name does not fit in one.
@@ -106,6 +107,24 @@ def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
     if path is not None:
         save_figure(fig, path, dpi=100)
     return fig
+
+
+def drawable(shape: Sequence[int]) -> bool:
+    """Whether inputs of ``shape`` (one input with its channels: (C, L), (C, H, W), ...) can
+    be shown as the misclassified grid shows them: grayscale or RGB images."""
+    return len(shape) == 3 and shape[0] in (1, 3)
+
+
+def _show_image(ax, image: torch.Tensor) -> None:
+    """A grayscale image dark on light (as digits on paper), an RGB image in its colours;
+    float inputs scaled to their own range."""
+    x = image.squeeze(0) if image.dim() == 3 and len(image) == 1 else image
+    if x.dtype != torch.uint8:
+        x = ((x - x.min()) / (x.max() - x.min()).clamp_min(1e-12) * 255).round().to(torch.uint8)
+    if x.dim() == 2:
+        ax.imshow(x.numpy(), cmap="gray_r", vmin=0, vmax=255)
+    else:
+        ax.imshow(x.permute(1, 2, 0).numpy())
 
 
 def error_axes(ax, sizes: Sequence[int], xlabel: str, title: str) -> None:

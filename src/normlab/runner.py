@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, modelspec
 from .checkpoint import write_json
-from .data import Data
+from .data import DATASETS, Data
 from .device import resolve_precision, select_device
 from .distributed import Ranks
 from .engine import (
@@ -418,6 +418,10 @@ class _Phases:
                            **self.experiment.new_record(data)}
             self.record["config"].update(world_size=ranks.world_size,
                                          virtual_batch_size=args.virtual_batch_size)
+            if args.augment is not None:
+                self.record["config"]["augment"] = args.augment
+            if data.spec.name not in DATASETS:  # not a data set normlab ships
+                self.record["config"]["data"] = data.describe()
             if self.model is not None:  # what rebuilds it, and its size per variant
                 self.record["config"]["model"] = {**self.model.describe(),
                                                   "parameters": self.parameters}

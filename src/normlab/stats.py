@@ -99,7 +99,8 @@ def bootstrap_share(loss_small: Mapping[int, float], loss_large: Mapping[int, fl
     three values. A ratio of means has no t interval; with few seeds the bootstrap
     interval is wide, and that is the honest answer. Fixed ``seed``: the report is a pure
     function of the record. Resamples whose loss is not positive are left out (the share
-    is undefined there); NaNs when fewer than two seeds have all three values."""
+    is undefined there); NaNs when fewer than two seeds have all three values, and for
+    the interval when no resample has a loss."""
     seeds = sorted(loss_small.keys() & loss_large.keys() & remedy.keys())
     if len(seeds) < 2:
         return math.nan, math.nan, math.nan
@@ -113,6 +114,9 @@ def bootstrap_share(loss_small: Mapping[int, float], loss_large: Mapping[int, fl
     picks = np.random.default_rng(seed).integers(0, len(seeds), (resamples, len(seeds)))
     shares = share(values[picks])
     shares = shares[~np.isnan(shares)]
+    point = float(share(values[None])[0])
+    if len(shares) == 0:  # no loss to win back in any resample: the share is undefined
+        return point, math.nan, math.nan
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(shares, [tail, 100 - tail])
-    return float(share(values[None])[0]), float(low), float(high)
+    return point, float(low), float(high)

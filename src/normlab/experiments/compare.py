@@ -19,7 +19,7 @@ from ..data import Data, DataError, load_data, make_loaders
 from ..engine import DEFAULTS, Misclassified, misclassified
 from ..model import Net, count_parameters
 from ..options import add_model_options, add_run_options, positive_float, positive_int
-from ..plots import plot_curves, plot_misclassified
+from ..plots import drawable, plot_curves, plot_misclassified
 from ..report import (
     failed_runs,
     final_accuracies,
@@ -72,7 +72,8 @@ class Compare(Experiment):
 
     def load(self) -> Data:
         a = self.args
-        return load_data(a.data_dir, a.dataset, a.limit_train, holdout=a.holdout)
+        return load_data(a.data_dir, a.dataset, a.limit_train, holdout=a.holdout,
+                         augment=a.augment)
 
     def new_record(self, data: Data) -> dict[str, Any]:
         a = self.args
@@ -105,7 +106,7 @@ class Compare(Experiment):
                    images_per_statistic=run.images_per_statistic(s), precision=s.precision)
         _, test_loader = make_loaders(data, run.batch_size, run.seed, device)
         wrong = misclassified(model, device, test_loader, n=10)
-        if run.seed == self.args.seeds[0]:
+        if run.seed == self.args.seeds[0] and drawable(data.input_shape):
             plot_misclassified(wrong, f"{variant.label} ({run.variant}, seed {run.seed})",
                                data.spec.classes, s.out / f"misclassified_{run.variant}.png",
                                split=data.eval_split)
@@ -177,6 +178,8 @@ def _redraw_misclassified(out: Path, record: dict[str, Any]) -> None:
     if not missing:
         return
     cfg = record["config"]
+    if not _drawn(cfg):
+        return
     try:
         data = load_data(None, cfg["dataset"], holdout=cfg.get("holdout"),
                          download_missing=False)
@@ -192,6 +195,15 @@ def _redraw_misclassified(out: Path, record: dict[str, Any]) -> None:
                             wrong["index"])
         plot_misclassified(mis, f"{v['label']} ({name}, seed {run['seed']})",
                            data.spec.classes, out / f"misclassified_{name}.png", split=split)
+
+
+def _drawn(cfg: dict[str, Any]) -> bool:
+    """Whether the run's inputs are images the misclassified grid can show."""
+    return "data" not in cfg or drawable(cfg["data"]["input_shape"])
+
+
+def _inputs(cfg: dict[str, Any]) -> str:
+    return f"{cfg['data']['kind']}s" if "data" in cfg else "images"
 
 
 def render_report(metrics: dict[str, Any]) -> str:
@@ -244,11 +256,17 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
         f"![{split} loss and accuracy](curves.png)",
         "",
-        f"## Misclassified {split} images (seed {seeds[0]})",
+        f"## Misclassified {split} {_inputs(cfg)} (seed {seeds[0]})",
         "",
     ]
+    if not _drawn(cfg):
+        lines += [f"Not drawn: the grid shows grayscale or RGB images, and these are "
+                  f"{_inputs(cfg)} of shape {tuple(cfg['data']['input_shape'])}. The record "
+                  f"(metrics.json) keeps the first ten each variant gets wrong: their "
+                  f"indices in the {split} split, predicted and true classes and "
+                  f"confidences.", ""]
     for name, v in metrics["variants"].items():
-        if good_runs(v):
+        if good_runs(v) and _drawn(cfg):
             lines += [f"### {v['label']} ({name})", "", f"![{name}](misclassified_{name}.png)",
                       ""]
     lines += [

@@ -96,7 +96,7 @@ class PerDevice(Sweep):
 
     def load(self) -> Data:
         a = self.args
-        return load_data(a.data_dir, a.dataset, a.limit_train)
+        return load_data(a.data_dir, a.dataset, a.limit_train, augment=a.augment)
 
     def recorded_variants(self) -> dict[str, list[str]]:
         """How the record's config names the variants."""

@@ -29,6 +29,7 @@ from .. import distributed
 from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, load_model, write_json
 from ..data import Data, make_loaders
 from ..errors import UsageError, WorkerDied
+from ..modelspec import model_argv
 from ..norms import statistics_seen
 from ..options import add_run_options, positive_int
 from ..plots import plot_errors, save_figure, with_note
@@ -144,7 +145,8 @@ class Statistics(PerDevice):
                 "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
                 "--lr", str(a.lr), "--num-groups", str(a.num_groups), "--dataset", a.dataset,
                 "--precision", a.precision, "--device", "cpu", "--no-progress",
-                "--out", str(part), *data_dir,
+                "--out", str(part), *data_dir, *model_argv(a.model, a.model_arg),
+                *(["--augment", a.augment] if a.augment else []),
                 *(["--limit-train", str(a.limit_train)] if a.limit_train else [])]
             print(f"normlab statistics: sbn and bn on {a.processes} processes: "
                   f"torchrun ... compare {shlex.join(args)}", flush=True)

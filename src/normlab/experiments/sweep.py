@@ -152,7 +152,8 @@ class Sweep(Experiment):
                 for b in sorted(a.batch_sizes) for s in a.seeds for v in a.variants]
 
     def load(self) -> Data:
-        return load_data(self.args.data_dir, self.args.dataset, self.args.samples)
+        return load_data(self.args.data_dir, self.args.dataset, self.args.samples,
+                         augment=self.args.augment)
 
     def new_record(self, data: Data) -> dict[str, Any]:
         a = self.args
