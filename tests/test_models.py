@@ -174,3 +174,26 @@ def test_example_3d_unet_syncbatch_on_two_processes_equals_batchnorm_in_one(tmp_
         if "num_batches" not in key:
             torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-9, msg=key)
     assert max((per_device[k] - one[k]).abs().max().item() for k in running) > 1e-3
+
+
+def test_a_monai_classifier_through_compare_with_model(tiny_mnist, tmp_path):
+    """``normlab compare --model monai.networks.nets:DenseNet`` on a subset: MONAI's own
+    arguments by --model-arg, in_channels from the data, its logits given a log_softmax,
+    the package version as the fingerprint, every variant converted and trained."""
+    from normlab.cli import main
+
+    out = tmp_path / "densenet"
+    assert main(["compare", "--model", "monai.networks.nets:DenseNet", "--model-arg",
+                 "spatial_dims=2", "--model-arg", "out_channels=10", "--model-arg",
+                 "init_features=8", "--model-arg", "growth_rate=4", "--model-arg",
+                 "block_config=(2, 2)", "--variants", "bn", "gn", "evos0",
+                 "--data-dir", str(tiny_mnist[1]), "--limit-train", "128", "--batch-size",
+                 "32", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    import json
+
+    import monai
+
+    described = json.loads((out / "metrics.json").read_text())["config"]["model"]
+    assert described["fingerprint"] == f"monai=={monai.__version__}"
+    assert described["outputs"] == "logits" and described["args"]["block_config"] == [2, 2]
+    assert set(described["parameters"]) == {"bn", "gn", "evos0"}

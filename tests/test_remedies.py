@@ -233,3 +233,67 @@ def test_report_add_refuses_a_folder_it_cannot_extend_in_one_line(tmp_path, caps
     code, line = cli_error(["report", str(compare), "--add", str(folder)], capsys)
     assert code == 2 and "--add extends grid studies (sweep, statistics, remedies); " \
         "metrics.json is not one" in line, line
+
+
+def _holm(p: list[float]) -> list[float]:
+    """Holm's step-down adjustment, written here as the oracle."""
+    order = sorted(range(len(p)), key=p.__getitem__)
+    adjusted, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def test_transfer_lines_check_one_networks_verdicts_on_another():
+    """Each comparison tested on each network over its own seeds, each network's rows one
+    Holm family (scipy's paired t-test and a Holm loop here as the oracle); the verdict
+    column follows from the two."""
+    from normlab.experiments.ranking import _TRANSFER, transfer_lines
+
+    def lines(bn2, bn128, seeds):
+        return {"bn": {2: {s: bn2 + 0.1 * s * s % 0.7 for s in seeds},
+                       128: {s: bn128 + 0.05 * (s % 3) for s in seeds}}}
+
+    def refs(gn, frn, seeds):
+        return {"gn": {s: gn + 0.07 * (s % 4) for s in seeds},
+                "frn": {s: frn + 0.11 * (s % 2) for s in seeds}}
+
+    cnn = (lines(17.0, 10.0, range(1, 11)), refs(11.0, 12.0, range(1, 11)))
+    resnet = (lines(12.0, 10.0, (1, 2, 3)), refs(10.2, 9.0, (1, 2, 3)))
+    text = transfer_lines(resnet, cnn, ("ResNet-8", "the CNN"), str)
+    rows = [line for line in text if line.startswith("| ") and "comparison" not in line
+            and "---" not in line]
+    made = [c for c in _TRANSFER if c[0] in ("bn", "gn", "frn") and c[2] == "bn"]
+    assert len(rows) == len(made) == 5  # bn@2-bn@128, gn and frn against bn at 2 and 128
+    for network, column in ((cnn, 1), (resnet, 2)):
+        p = []
+        for a, sa, b, sb in made:
+            x, y = (network[1][a] if not sa else network[0][a][sa]), network[0][b][sb]
+            seeds = sorted(x.keys() & y.keys())
+            p.append(sps.ttest_rel([x[s] for s in seeds], [y[s] for s in seeds]).pvalue)
+        for row, adjusted in zip(rows, _holm(p), strict=True):
+            cell = row.split(" | ")[column]
+            assert (cell.startswith("**") == (adjusted < 0.05)), (row, adjusted)
+            assert f"p {adjusted:.3f}" in cell or adjusted < 0.001
+    verdicts = {row.split(" | ")[0][2:]: row.split(" | ")[3].rstrip(" |") for row in rows}
+    assert verdicts["bn at 2 − bn at 128"] == "holds"
+    assert verdicts["frn − bn at 128"] == "**reversed**"  # +2 on the CNN, -1 on the ResNet
+
+
+def test_report_beside_another_remedies_study(tmp_path, tiny_mnist, capsys):
+    out, other = tmp_path / "a", tmp_path / "b"
+    for folder in (out, other):
+        assert main(["remedies", "--variants", "bn", "--references", "gn",
+                     "--images-per-statistic", "2", "32", "--batch-size", "32", "--seeds",
+                     "1", "2", "--epochs", "1", "--limit-train", "64", "--data-dir",
+                     str(tiny_mnist[1]), "--precise-images", "64", "--out", str(folder),
+                     "--no-progress"]) == 0
+    assert main(["report", str(out), "--beside", str(other)]) == 0
+    record = json.loads((out / "remedies.json").read_text())
+    assert record["beside"] == {"folder": "../b"}
+    report = (out / "report.md").read_text()
+    assert "## Beside normlab's small CNN: which verdicts hold on normlab's small CNN" in report
+    assert "| Group Norm (gn) − Batch Norm (bn) at 2 |" in report
+    code, line = cli_error(["report", str(out), "--beside", str(tmp_path)], capsys)
+    assert code == 2 and "remedies.json does not exist" in line

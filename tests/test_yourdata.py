@@ -154,3 +154,31 @@ def test_torchrun_synchronized_batch_norm_on_signals_equals_one_process(mine):
     for key in ("train_loss", "test_loss", "test_acc", "train_acc"):
         np.testing.assert_allclose(h2["history"][key], h1["history"][key], rtol=1e-9,
                                    atol=1e-9)
+
+
+def test_normlab_run_from_python_with_a_callable_and_a_path(mine, monkeypatch):
+    """normlab.run: the model as a callable of an importable module, the data set as a
+    path; it returns the record and folder the command line would write."""
+    import sys
+
+    import normlab
+
+    monkeypatch.syspath_prepend(str(mine))
+    import mine as user_models  # the user's own module
+
+    record, folder = normlab.run("compare", model=user_models.net1d,
+                                 dataset=mine / "signals.npz", variants=["gn"], epochs=1,
+                                 batch_size=16, no_progress=True, out=mine / "api")
+    assert folder == mine / "api" and record["variants"]["gn"]["runs"][0]["seed"] == 1
+    assert record["config"]["model"]["spec"] == "mine:net1d"
+    assert record["config"]["data"]["kind"] == "signal"
+    assert record["command"].startswith("normlab compare --model mine:net1d --dataset npz:")
+
+    def in_the_notebook(in_channels=2, num_classes=3):
+        return user_models.net1d(in_channels, num_classes)
+
+    with pytest.raises(normlab.api.UsageError, match="needs a model it can import again"):
+        normlab.run("compare", model=in_the_notebook)
+    with pytest.raises(normlab.api.UsageError, match="argument --epochs: must be positive"):
+        normlab.run("compare", epochs=0)
+    sys.modules.pop("mine", None)

@@ -156,7 +156,7 @@ def rebuild(config: dict[str, Any], path: str | Path = "<weights>") -> nn.Module
                              config["in_channels"], config["num_classes"])
     except UsageError as exc:
         raise CheckpointError(f"{path}: its model cannot be rebuilt ({exc})") from None
-    model.normlab_config = config
+    model.normlab_config = config  # as saved (the spec's fingerprint then)
     return model
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +39,10 @@ from .variants import STUDY_VARIANTS, VARIANTS
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normlab", description="Train and compare normalization layers (Batch, Layer, "
-        "Group Norm and the small-batch remedies) on MNIST or Fashion-MNIST, and redraw, "
-        "evaluate or explain the results. Every study writes a JSON record, figures and a "
-        "report into its output folder.")
+        "Group Norm and the small-batch remedies) on MNIST, Fashion-MNIST, CIFAR or your own "
+        "data, with normlab's small CNN or your own network (--model), and redraw, evaluate "
+        "or explain the results. Every study writes a JSON record, figures and a report into "
+        "its output folder.")
     revision = git_revision()
     parser.add_argument("--version", action="version", version=f"normlab {__version__}"
                         + (f" (git {revision})" if revision != "unknown" else ""))
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first add the runs of these output folders of the same grid study "
                    "(more seeds, sizes or variants, or the grid at another --lr) to OUTDIR's "
                    "record; each keeps its own command, revision and machine")
+    p.add_argument("--beside", type=Path, metavar="OTHER",
+                   help="remedies only: set OUTDIR beside OTHER, the same study of another "
+                   "network, and check OTHER's verdicts on OUTDIR's (kept in the record)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("convert", help="rewrite older .pt weights files as .safetensors",
@@ -176,12 +181,25 @@ def cmd_report(args: argparse.Namespace) -> int:
                                        found[0].other_rates)
             write_json(path, record)
         print(f"{path}: {len(record['runs'])} runs after adding {len(args.add)} folder(s)")
+    if args.beside is not None:
+        _set_beside(args, found[0], path, record)
     try:
         found[0].render(args.run, record)
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot draw "
                          f"a report from it") from None
     return 0
+
+
+def _set_beside(args: argparse.Namespace, study: type, path: Path, record: dict[str, Any]
+                ) -> None:
+    """Record, relative to the run's folder, the folder whose verdicts its report checks."""
+    if study.name != "remedies":
+        raise UsageError(f"--beside compares remedies studies; {path.name} is not one")
+    _read_record(args.beside / study.record_name)  # it must be one
+    with run_lock(args.run):
+        record["beside"] = {"folder": os.path.relpath(args.beside, args.run)}
+        write_json(path, record)
 
 
 def _read_record(path: Path) -> dict[str, Any]:

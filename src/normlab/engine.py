@@ -416,11 +416,6 @@ def _prepare(config: TrainConfig, precision: str, device: torch.device, data: Da
     else:
         net = config.model.variant(config.norm, config.num_groups, parts, config.weight_std,
                                    data.in_channels, data.num_classes).to(device)
-        # what rebuilds it from a weights file (checkpoint.save_model / load_model)
-        net.normlab_config = dict(model=config.model.describe(), norm=config.norm,
-                                  num_groups=config.num_groups, virtual_batches=parts,
-                                  weight_std=config.weight_std, in_channels=data.in_channels,
-                                  num_classes=data.num_classes)
     # Plain Batch Norm keeps per-device running statistics: no buffer broadcasts each step,
     # an average once an epoch instead (distributed.average_running_stats).
     model = net if world == 1 else DistributedDataParallel(

@@ -172,7 +172,24 @@ class ModelSpec:
                              + "; ".join(str(exc).splitlines())) from None
         if weight_std:
             model = standardize_weights(model)
-        return nn.Sequential(model, nn.LogSoftmax(1)) if self.logits else model
+        if self.logits:
+            model = nn.Sequential(model, nn.LogSoftmax(1))
+        # What rebuilds it from a weights file (checkpoint.save_model / rebuild).
+        model.normlab_config = dict(model=self.describe(), norm=norm, num_groups=num_groups,
+                                    virtual_batches=virtual_batches, weight_std=weight_std,
+                                    in_channels=in_channels, num_classes=num_classes)
+        return model
+
+
+def from_args(args: Any) -> ModelSpec | None:
+    """The --model of the command line, or the one a resumed record names (refused if its
+    code changed since); None for normlab's own Net."""
+    given = getattr(args, "model", None)
+    if given is None:
+        return None
+    if isinstance(given, dict):  # put back from the record by --resume
+        return ModelSpec.from_record(given, str(args.resume))
+    return ModelSpec.parse(given, getattr(args, "model_arg", None))
 
 
 def model_argv(model: str | dict[str, Any] | None, model_arg: list[str] | None) -> list[str]:

@@ -212,10 +212,16 @@ def training_steps(epochs: int, images: int, batch_size: int) -> int:
 def protocol(cfg: dict[str, Any]) -> str:
     """The per-device protocol in one phrase, as both per-device reports state it."""
     steps = training_steps(cfg["epochs"], cfg["train_images"], cfg["batch_size"])
+    network = ""
+    if "model" in cfg:  # a network of the user's (--model)
+        model = cfg["model"]
+        args = ", ".join(f"{k}={v}" for k, v in model.get("args", {}).items())
+        network = (f"; the network {model['spec']}({args}), its norms converted to each "
+                   f"variant's")
     return (f"global batch {cfg['batch_size']}, peak learning rate {cfg['lr']} (one-cycle with "
             f"warm-up), {cfg['epochs']} epoch(s) = {steps:,} steps over "
             f"{cfg['train_images']:,} {cfg['dataset']} images, the same data order and "
-            f"augmentation for a given seed")
+            f"augmentation for a given seed{network}")
 
 
 def failed_lines(runs: dict[str, Any]) -> list[str]:

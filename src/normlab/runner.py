@@ -48,7 +48,6 @@ from .errors import CheckpointError, DataError, UsageError, WorkerDied, error_li
 from .experiments.base import Experiment, Run, Settings
 from .folder import apply_config, open_resume, prepare_out, run_lock
 from .model import Net
-from .modelspec import ModelSpec
 from .norms import NORMS
 from .provenance import environment
 from .variants import VARIANTS
@@ -213,26 +212,6 @@ def build_models(variants: list[str], num_groups: int) -> dict[str, Net]:
     return {name: Net(VARIANTS[name].norm, num_groups=num_groups) for name in variants}
 
 
-def model_spec(args: argparse.Namespace) -> ModelSpec | None:
-    """The --model of the command line, or the one a resumed record names (refused if its
-    code changed since); None for normlab's own Net."""
-    given = getattr(args, "model", None)
-    if given is None:
-        return None
-    if isinstance(given, dict):  # put back from the record by --resume
-        return ModelSpec.from_record(given, str(args.resume))
-    return ModelSpec.parse(given, getattr(args, "model_arg", None))
-
-
-def check_model(spec: ModelSpec, variants: list[str], num_groups: int, data: Data
-                ) -> tuple[ModelSpec, dict[str, int]]:
-    """Every variant of the user's model built and run on two inputs of ``data`` before any
-    training: one line for whatever would fail later."""
-    return modelspec.check(spec, {v: (VARIANTS[v].norm, VARIANTS[v].weight_std)
-                                  for v in variants}, num_groups, data.example(),
-                           data.num_classes)
-
-
 def _device_for(args: argparse.Namespace, ranks: Ranks) -> torch.device:
     device = select_device(args.device)
     if ranks.distributed and device.type == "cuda":  # one GPU per local rank
@@ -316,7 +295,7 @@ def run_experiment(experiment: Experiment) -> int:
     experiment.check()
     args = experiment.args
     ranks = distributed.from_env()
-    if model_spec(args) is None:  # fail fast, before any data is read
+    if modelspec.from_args(args) is None:  # fail fast, before any data is read
         build_models(experiment.variants(), args.num_groups)
     if args.tensorboard is not None:
         try:
@@ -377,7 +356,7 @@ class _Phases:
             if not ranks.leader:
                 return None, Path(".")
             record = open_resume(args, self.experiment.record_name) if args.resume else None
-            model_spec(args)  # a resumed --model whose code changed is refused here
+            modelspec.from_args(args)  # a resumed --model whose code changed is refused here
             out = args.resume or prepare_out(args.out, self.experiment.name,
                                              self.experiment.record_name)
             stack.enter_context(run_lock(out))
@@ -397,10 +376,12 @@ class _Phases:
         def load() -> Data:
             data = _load_and_check(self.experiment, self.record, self.ranks)
             self.model, self.parameters = None, None
-            spec = model_spec(self.args)
-            if spec is not None:  # the user's model, checked on this data
-                self.model, self.parameters = check_model(
-                    spec, self.experiment.variants(), self.args.num_groups, data)
+            spec = modelspec.from_args(self.args)
+            if spec is not None:  # every variant of the user's model, checked on this data
+                self.model, self.parameters = modelspec.check(
+                    spec, {v: (VARIANTS[v].norm, VARIANTS[v].weight_std)
+                           for v in self.experiment.variants()},
+                    self.args.num_groups, data.example(), data.num_classes)
             return data
 
         self.data = _on_every_rank(self.ranks, load)

@@ -268,3 +268,56 @@ def _rerank_lines(complete: dict[Option, dict[float, Errors]], best: dict[Option
             text.append(f"| {b} | {recipe} | {_option(ranked[0], label)} | "
                         + (", ".join(_option(k, label) for k in tied) or "none") + " |")
     return [*text, ""]
+
+
+# The comparisons whose verdicts a second network is checked against: Batch Norm's loss at
+# few images, each option against Batch Norm at 2 and at 128, and the papers' comparisons.
+_TRANSFER = [("bn", 2, "bn", 128), ("brn", 2, "bn", 2), ("evob0", 2, "bn", 2),
+             *((r, 0, "bn", b) for b in (2, 128) for r in ("gn", "gn+ws", "ln", "ln+ws",
+                                                            "frn", "evos0")),
+             ("brn", 128, "bn", 128), ("evob0", 128, "bn", 128),
+             ("gn+ws", 0, "gn", 0), ("ln+ws", 0, "ln", 0), ("evos0", 0, "gn", 0),
+             ("gn", 0, "brn", 2), ("evob0", 2, "brn", 2),
+             *(("bn precise", b, "bn", b) for b in (2, 128))]
+
+
+def transfer_lines(mine: tuple[Lines, dict[str, Errors]], other: tuple[Lines, dict[str, Errors]],
+                   names: tuple[str, str], label: Label) -> list[str]:
+    """The other network's verdicts checked on this one: each comparison of ``_TRANSFER``
+    that both records can make, tested on each record over its own seeds, each record's
+    comparisons one Holm family; a verdict holds where both are significant the same way."""
+    def e(record: tuple[Lines, dict[str, Errors]], line: str, size: int) -> Errors:
+        return errors_at(*record, line, size)
+
+    def name(line: str, size: int) -> str:
+        return label(line) + (f" at {size}" if size else "")
+
+    rows = [c for c in _TRANSFER
+            if all(len(e(r, c[0], c[1]).keys() & e(r, c[2], c[3]).keys()) >= 2
+                   for r in (mine, other))]
+    if not rows:
+        return []
+    ours, theirs = ([results for results in corrected([(e(r, a, sa), e(r, b, sb))
+                                                       for a, sa, b, sb in rows])]
+                    for r in (mine, other))
+    text = [f"## Beside {names[1]}: which verdicts hold on {names[0]}", "",
+            f"Each row: the first minus the second, test error in points, paired by seed, on "
+            f"each network over its own seeds; negative: the first is better. Each network's "
+            f"{len(rows)} comparisons are one family, Holm-adjusted; **bold**: significant at "
+            f"5 % after that correction. *holds*: significant on both, the same way; "
+            f"*reversed*: significant on both, opposite ways; *not shown here*: significant "
+            f"on {names[1]} only (with fewer seeds here, it may still hold); *new here*: on "
+            f"{names[0]} only.", "",
+            f"| comparison | {names[1]} | {names[0]} | verdict |", "| --- | ---: | ---: | --- |"]
+    for (a, sa, b, sb), (d1, p1), (d2, p2) in zip(rows, ours, theirs, strict=True):
+        text.append(f"| {name(a, sa)} − {name(b, sb)} | {difference_cell(d2, p2)} "
+                    f"[{d2.n}] | {difference_cell(d1, p1)} [{d1.n}] | "
+                    f"{_verdict(d1, p1, d2, p2)} |")
+    return [*text, "", "[n]: seeds.", ""]
+
+
+def _verdict(mine: Interval, p_mine: float, other: Interval, p_other: float) -> str:
+    here, there = p_mine < ALPHA, p_other < ALPHA
+    if here and there:
+        return "holds" if (mine.mean > 0) == (other.mean > 0) else "**reversed**"
+    return "not shown here" if there else "new here" if here else "shown on neither"

@@ -17,6 +17,7 @@ numbers. Its record is remedies.json; the report and figure are drawn from it al
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from .ranking import (
     mechanism_lines,
     ranking_lines,
     share_cells,
+    transfer_lines,
 )
 from .sweep import and_references
 
@@ -163,9 +165,10 @@ class Remedies(PerDevice):
 
     @staticmethod
     def render(out: Path, record: dict[str, Any]) -> None:
-        """remedies.png and report.md from remedies.json's contents."""
+        """remedies.png and report.md from remedies.json's contents (and the record it is
+        set beside, if any: ``normlab report --beside``)."""
         figure(record, out / "remedies.png")
-        report = render_report(record)
+        report = render_report(record, beside_record(out, record))
         atomic_write(out / "report.md", report)
         print("\n".join(line for line in report.splitlines()[:24] if line.startswith("|")))
         print(f"\nreport: {out / 'report.md'}")
@@ -256,8 +259,32 @@ def _seeds(by: dict[int, dict[int, float]]) -> dict[int, list[float]]:
 
 # -- the report
 
-def render_report(record: dict[str, Any]) -> str:
-    """report.md for the remedies study."""
+def beside_record(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The remedies record this one is set beside (``record["beside"]["folder"]``, relative
+    to ``out``), or None."""
+    if "beside" not in record:
+        return None
+    path = out / record["beside"]["folder"] / Remedies.record_name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"normlab remedies: {path} cannot be read; the report leaves out the "
+              f"comparison with it")
+        return None
+
+
+def network_name(record: dict[str, Any]) -> str:
+    """What trained a record's runs, in a few words."""
+    model = record["config"].get("model")
+    if model is None:
+        return "normlab's small CNN"
+    args = ", ".join(f"{k}={v}" for k, v in model.get("args", {}).items())
+    return f"{model['spec'].rpartition('/')[2]}({args})"
+
+
+def render_report(record: dict[str, Any], beside: dict[str, Any] | None = None) -> str:
+    """report.md for the remedies study; ``beside``: another network's record, whose verdicts
+    are checked on this one."""
     cfg = record["config"]
     lines_by = errors_by_size(record)
     references = reference_errors(record)
@@ -300,7 +327,11 @@ def render_report(record: dict[str, Any]) -> str:
     text += mechanism_lines(lines_by, sizes, _label)
     text += claim_lines(lines_by, references, _label)
     text += lr_check_lines(record, _label)
-    text += _paper_lines(lines_by, references)
+    if beside is not None:
+        text += transfer_lines((lines_by, references),
+                               (errors_by_size(beside), reference_errors(beside)),
+                               (network_name(record), network_name(beside)), _label)
+    text += _paper_lines(lines_by, references, cfg)
     text += _parameter_lines(record)
     rates = len({r.get("lr", cfg["lr"]) for r in record["runs"].values()}) > 1
     text += [
@@ -384,19 +415,23 @@ def _recovered_lines(lines_by: dict[str, dict[int, dict[int, float]]],
 
 
 def _paper_lines(lines_by: dict[str, dict[int, dict[int, float]]],
-                 references: dict[str, dict[int, float]]) -> list[str]:
+                 references: dict[str, dict[int, float]], cfg: dict[str, Any]) -> list[str]:
     def here(line: str, size: int | None = None) -> str:
         by = lines_by.get(line, {}).get(size) if size else references.get(line)
         return f"{_mean(by):.2f}" if by else "–"
 
     sizes = GN_PAPER["images"]
+    network = ("MNIST or Fashion-MNIST test errors of a 9.5k-parameter network"
+               if "model" not in cfg else
+               f"{cfg['dataset']} test errors of {network_name({'config': cfg})} "
+               f"({cfg['model']['parameters'].get('bn', 0):,} parameters with Batch Norm)")
     text = [
         "## Beside the papers",
         "",
         "The published numbers are ImageNet top-1 error (or accuracy where stated) of much "
-        "larger networks trained for far longer; this study's are MNIST or Fashion-MNIST test "
-        "errors of a 9.5k-parameter network after a few epochs. The scales differ by one to "
-        "two orders of magnitude: compare the directions and the shapes, not the values.",
+        f"larger networks trained for far longer; this study's are {network} after a few "
+        "epochs. The scales differ by one to two orders of magnitude: compare the directions "
+        "and the shapes, not the values.",
         "",
         "| source | setting | published | here (test error %) |",
         "| --- | --- | --- | --- |",
