@@ -27,7 +27,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert next(dist.glob("normlab-*.tar.gz"))
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("cli", "runner", "experiments/compare", "norms", "distributed", "engine",
-                   "data", "checkpoint", "explain/compute"):
+                   "data/__init__", "data/cifar", "modelspec", "api", "checkpoint",
+                   "explain/compute"):
         assert f"normlab/{module}.py" in names
     assert not any(n.startswith("tests/") for n in names)
 

@@ -55,14 +55,17 @@ def _histories(record: dict) -> dict:
                 for r in entry["runs"]] for v, entry in record["variants"].items()}
 
 
-def test_signals_train_with_virtual_batches_resume_evaluate_and_report(mine, monkeypatch,
-                                                                       capsys):
-    """A compare of a 1-D network on signals, interrupted after the first epoch of its second
-    variant, resumes to the uninterrupted run's histories bit for bit; its weights evaluate
-    to the recorded accuracy; the report says what it shows instead of a grid of images."""
-    common = ["compare", "--model", f"{mine / 'mine.py'}:net1d", "--dataset",
-              f"npz:{mine / 'signals.npz'}", "--variants", "bn", "gn", "--virtual-batch-size",
-              "4", "--batch-size", "16", "--epochs", "3", "--no-progress"]
+@pytest.mark.parametrize("kind, net", [("signal", "net1d"), ("volume", "net3d")])
+def test_compare_trains_with_virtual_batches_resumes_evaluates_and_reports(
+        mine, monkeypatch, capsys, kind, net):
+    """A compare of a 1-D network on signals (a 3-D one on volumes), interrupted after the
+    first epoch of its second variant, resumes to the uninterrupted run's histories bit for
+    bit; its weights evaluate to the recorded accuracy; the report says what it shows
+    instead of a grid of images."""
+    common = ["compare", "--model", f"{mine / 'mine.py'}:{net}", "--dataset",
+              f"npz:{mine / (kind + 's.npz')}", "--variants", "bn", "gn",
+              "--virtual-batch-size", "4", "--batch-size", "16", "--epochs", "3",
+              "--no-progress"]
     assert main([*common, "--out", str(mine / "whole")]) == 0
     whole = json.loads((mine / "whole" / "metrics.json").read_text())
 
@@ -83,7 +86,7 @@ def test_signals_train_with_virtual_batches_resume_evaluate_and_report(mine, mon
     assert main(["compare", "--resume", str(mine / "cut"), "--no-progress"]) == 0
     resumed = json.loads((mine / "cut" / "metrics.json").read_text())
     assert _histories(resumed) == _histories(whole)
-    assert resumed["config"]["data"]["kind"] == "signal"
+    assert resumed["config"]["data"]["kind"] == kind
     assert resumed["config"]["data"]["augment"] == "none"
 
     rows = evaluate_files([mine / "cut" / "bn-seed1.safetensors"], ["running", "batch"],
@@ -91,7 +94,7 @@ def test_signals_train_with_virtual_batches_resume_evaluate_and_report(mine, mon
     assert rows[0]["test_acc"] == rows[0]["recorded_acc"]
     assert rows[1]["images_per_statistic"] == 4  # the run's virtual batch
     report = (mine / "cut" / "report.md").read_text()
-    assert "## Misclassified test signals" in report and "Not drawn" in report
+    assert f"## Misclassified test {kind}s" in report and "Not drawn" in report
     assert not list((mine / "cut").glob("misclassified_*.png"))
 
 
@@ -134,12 +137,14 @@ def test_colour_images_are_drawn_in_colour(mine):
     assert grid.shape[2] >= 3 and np.abs(grid[..., 0] - grid[..., 1]).max() > 0.1  # colour
 
 
-def test_torchrun_synchronized_batch_norm_on_signals_equals_one_process(mine):
-    """Two processes with synchronized Batch Norm train a 1-D network on signals exactly as
-    one process with plain Batch Norm (float64), the oracle for the data-parallel path."""
+@pytest.mark.parametrize("kind, net", [("signal", "net1d"), ("volume", "net3d")])
+def test_torchrun_synchronized_batch_norm_equals_one_process(mine, kind, net):
+    """Two processes with synchronized Batch Norm train a 1-D network on signals (a 3-D one
+    on volumes) exactly as one process with plain Batch Norm (float64): the oracle for the
+    data-parallel path."""
     env = {**os.environ, "NORMLAB_TEST_DATA": str(mine / "idx"), "NORMLAB_TEST_F64": "1"}
-    common = ["compare", "--model", f"{mine / 'mine.py'}:net1d", "--dataset",
-              f"npz:{mine / 'signals.npz'}", "--batch-size", "16", "--epochs", "2",
+    common = ["compare", "--model", f"{mine / 'mine.py'}:{net}", "--dataset",
+              f"npz:{mine / (kind + 's.npz')}", "--batch-size", "16", "--epochs", "2",
               "--device", "cpu", "--no-progress"]
     one = launch([*common, "--variants", "bn", "--out", str(mine / "one")], env)
     code, out, err = finish(one)

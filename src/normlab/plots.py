@@ -83,7 +83,7 @@ def plot_curves(histories: Mapping[str, Sequence[History]], path: str | Path | N
     fig.suptitle(f"Batch vs Layer vs Group Normalization: {split}-set curves (final values in "
                  f"the legends)")
     if path is not None:
-        save_figure(fig, path, dpi=110)
+        save_figure(fig, path)
     return fig
 
 
@@ -105,7 +105,7 @@ def plot_misclassified(mis: Misclassified, title: str, classes: Sequence[str],
     # Two lines: the figure is two images wide, and a variant's full name does not fit in one.
     fig.suptitle(f"{title}\n{len(mis.predicted)} misclassified {split} images")
     if path is not None:
-        save_figure(fig, path, dpi=100)
+        save_figure(fig, path)
     return fig
 
 
@@ -140,20 +140,25 @@ def error_axes(ax, sizes: Sequence[int], xlabel: str, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
-def with_note(fig: Figure, note: str, path: str | Path | None, dpi: int) -> Figure:
+def with_note(fig: Figure, note: str, path: str | Path | None) -> Figure:
     """``note`` (what was held fixed) in small print under the axes, so the title stays
     short enough to fit; saved when ``path`` is given."""
     if note:
         fig.supxlabel(note, fontsize=8, color="dimgray")
     if path is not None:
-        save_figure(fig, path, dpi=dpi)
+        save_figure(fig, path)
     return fig
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int) -> None:
+# Every figure at one resolution: sharp when the site shows it at its column's width, and
+# legible full size when clicked open.
+DPI = 150
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
     """PNG into memory, then one atomic write: a full disk never leaves half a figure."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format="png", dpi=DPI)
     atomic_write(path, buffer.getvalue())
 
 
@@ -168,7 +173,7 @@ def plot_errors(lines: Mapping[str, Mapping[int, Sequence[float]]], xlabel: str,
     ax = fig.subplots()
     draw_errors(ax, lines, xlabel, title, references, points)
     ax.legend(fontsize=legend_size)
-    return with_note(fig, note, path, dpi=110)
+    return with_note(fig, note, path)
 
 
 def draw_errors(ax, lines: Mapping[str, Mapping[int, Sequence[float]]], xlabel: str, title: str,

@@ -250,7 +250,7 @@ def figure(record: dict[str, Any], path: Path | None = None) -> Figure:
     return with_note(fig, f"held fixed: global batch {cfg['batch_size']}, peak lr {cfg['lr']} "
                      f"(one-cycle), {cfg['epochs']} epoch(s) over {cfg['train_images']:,} "
                      f"images, data order; mean and min–max of seeds {seeds}{fewer}; PreciseBN "
-                     f"over {cfg['precise_images']:,} training images", path, dpi=100)
+                     f"over {cfg['precise_images']:,} training images", path)
 
 
 def _seeds(by: dict[int, dict[int, float]]) -> dict[int, list[float]]:

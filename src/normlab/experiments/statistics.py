@@ -188,6 +188,7 @@ class Statistics(PerDevice):
             model = load_model(weights, device)
             stats = statistics_seen(model, batches, ips)
             names = {name: f"after {model.architecture[int(name.split('.')[1])][0]}"
+                     if hasattr(model, "architecture") else name  # a --model network's own
                      for name in stats}
             last = stats[list(stats)[-1]]
             seen.update(batches=len(batches), layer=names[list(stats)[-1]])
@@ -215,9 +216,9 @@ class Statistics(PerDevice):
         """statistics.png, bn_statistics.png and report.md, from statistics.json's contents."""
         errors, seen = figures(record)
         if errors is not None:
-            save_figure(errors, out / "statistics.png", dpi=110)
+            save_figure(errors, out / "statistics.png")
         if seen is not None:
-            save_figure(seen, out / "bn_statistics.png", dpi=100)
+            save_figure(seen, out / "bn_statistics.png")
         report = render_report(record)
         atomic_write(out / "report.md", report)
         print("\n".join(line for line in report.splitlines()[:12] if line.startswith("|")))
@@ -479,4 +480,4 @@ def plot_statistics_seen(seen: Mapping[str, Mapping[str, object]], title: str, n
             ax.legend(fontsize=7, loc="upper left")
             ax.grid(alpha=0.3)
     fig.suptitle(title)
-    return with_note(fig, note, path, dpi=100)
+    return with_note(fig, note, path)

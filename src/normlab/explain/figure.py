@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from ..plots import save_figure
 from .compute import GROUPS, TECHNIQUES, C, H, N, W, explain
 
 
@@ -39,6 +40,6 @@ def draw_figure(path: str | Path | None = None, shape: Sequence[int] = (N, C, H,
     fig.suptitle(f"Which values share one mean and variance (blue), for N={n}, C={c}, "
                  f"H*W={h * w}", fontsize=11)
     if path is not None:
-        fig.savefig(path, dpi=90)
+        save_figure(fig, path)
     return fig
 
