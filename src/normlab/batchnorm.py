@@ -365,9 +365,19 @@ class BatchNorm2d(_BatchStatistics, nn.BatchNorm2d):
             float32 CPU maps of ``FAST_MIN_PIXELS`` or more (equal to PyTorch's within
             float32 rounding, not bit for bit).
 
-    Example: ``BatchNorm2d(64, virtual_batches=4)`` normalises each quarter of a batch on
-    its own. ``BatchNorm1d``, ``BatchNorm3d`` and ``BatchNorm`` (any dimension) take the same
+    ``BatchNorm1d``, ``BatchNorm3d`` and ``BatchNorm`` (any dimension) take the same
     arguments.
+
+    Examples:
+        Each quarter of a batch normalised on its own, as four devices would:
+
+        >>> bn = BatchNorm2d(8, virtual_batches=4)
+        >>> x = torch.randn(16, 8, 5, 5)
+        >>> y = bn(x)
+        >>> part = y[:4].transpose(0, 1).flatten(1)  # the first device's images
+        >>> var, mean = torch.var_mean(part, 1, correction=0)
+        >>> bool(mean.abs().max() < 1e-5), bool((var - 1).abs().max() < 1e-3)
+        (True, True)
     """
 
 
@@ -444,7 +454,13 @@ class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
 
 
 class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
-    """Batch Renorm (``_BatchRenorm``) for (N, C, H, W) inputs."""
+    """Batch Renorm (``_BatchRenorm``) for (N, C, H, W) inputs.
+
+    Examples:
+        >>> brn = BatchRenorm2d(8, r_max=1.5, d_max=0.5)  # Wu & He's limits
+        >>> brn(torch.randn(4, 8, 3, 3)).shape
+        torch.Size([4, 8, 3, 3])
+    """
 
 
 class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
@@ -461,7 +477,12 @@ RENORM_PLAIN, RENORM_D_FULL, RENORM_R_FULL = 0.05, 0.20, 0.30
 
 def renorm_limits(progress: float, r_max: float = 3.0, d_max: float = 5.0
                   ) -> tuple[float, float]:
-    """(r_max, d_max) at ``progress`` (0 to 1) through a run, on the paper's schedule."""
+    """(r_max, d_max) at ``progress`` (0 to 1) through a run, on the paper's schedule.
+
+    Examples:
+        >>> renorm_limits(0.0), renorm_limits(0.2), renorm_limits(1.0)
+        ((1.0, 0.0), (2.2, 5.0), (3.0, 5.0))
+    """
     if progress < RENORM_PLAIN:
         return 1.0, 0.0
     grown = progress - RENORM_PLAIN
@@ -474,7 +495,18 @@ class RenormSchedule:
     taken (``update(step)`` before each step), on the paper's schedule towards each layer's
     own limits as it was built (``convert(model, "batchrenorm", r_max=..., d_max=...)``),
     or towards ``r_max`` and ``d_max`` where given; a function of the step alone, so a
-    resumed run continues exactly."""
+    resumed run continues exactly.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchRenorm2d(8))
+        >>> schedule = RenormSchedule(model, total_steps=1000)
+        >>> schedule.update(0)  # plain Batch Norm at first
+        >>> model[1].r_max, model[1].d_max
+        (1.0, 0.0)
+        >>> schedule.update(1000)
+        >>> model[1].r_max, model[1].d_max
+        (3.0, 5.0)
+    """
 
     def __init__(self, model: nn.Module, total_steps: int, r_max: float | None = None,
                  d_max: float | None = None) -> None:

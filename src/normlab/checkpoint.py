@@ -66,7 +66,16 @@ def write_json(path: str | Path, obj: Any) -> None:
 def save_model(model: Net, path: str | Path, **meta: Any) -> None:
     """Save the weights as safetensors with what rebuilds the model (norm, groups, dropout
     and the conv stack, so that a file outlives a change of the default architecture) and
-    ``meta`` (variant, seed, accuracy, revision ...) in the metadata header, as strings."""
+    ``meta`` (variant, seed, accuracy, revision ...) in the metadata header, as strings.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "gn.safetensors"
+        >>> save_model(Net("group"), path, variant="gn", seed=1)
+        >>> model, meta = load_model_and_meta(path)
+        >>> model.norm, meta["variant"], meta["seed"]
+        ('group', 'gn', '1')
+    """
     config = getattr(model, "normlab_config", None)  # a --model network
     if config is None:
         config = dict(norm=model.norm, num_groups=model.num_groups, dropout=model.dropout,

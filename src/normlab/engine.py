@@ -205,6 +205,12 @@ def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: in
     A short warm-up and a long anneal reach a good minimum in few epochs, which is what a
     20-epoch budget needs. Weight decay applies to convolution weights only: decaying the
     norm layers' scale and shift, or biases, only fights the normalization.
+
+    Examples:
+        >>> optimizer, scheduler = make_optimizer(nn.Linear(4, 2), lr=0.05, epochs=2,
+        ...                                       steps_per_epoch=10)
+        >>> type(optimizer).__name__, optimizer.param_groups[0]["nesterov"]
+        ('SGD', True)
     """
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
@@ -219,7 +225,13 @@ def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: in
 class TrainConfig:
     """Everything that decides what one training run computes, in one frozen object (as
     nanoGPT keeps it): ``train_model`` trains it, and its checkpoint is keyed by it, so a
-    checkpoint is only ever continued by the run that made it."""
+    checkpoint is only ever continued by the run that made it.
+
+    Examples:
+        >>> config = TrainConfig("group", epochs=5, batch_size=32)
+        >>> config.lr, config.checkpoint_key("fp32", 60000, 1)["batch_size"]
+        (0.05, 32)
+    """
 
     norm: str = "batch"
     lambda_l1: float = 0.0
@@ -269,7 +281,16 @@ class Hook:
     every step (with the number of steps taken), after every epoch (with its numbers) and
     once when training ends, finished or not (to close what the hook opened).
     ``changes_steps`` says whether ``before_step`` changes what a step computes (a CUDA
-    graph, which replays the first step as captured, then cannot be used)."""
+    graph, which replays the first step as captured, then cannot be used).
+
+    Examples:
+        >>> class BestAccuracy(Hook):
+        ...     best = 0.0
+        ...     def after_epoch(self, epoch, row):
+        ...         self.best = max(self.best, row["test_acc"])
+
+        ``train_model(config, hooks=[BestAccuracy()])`` then keeps the best test accuracy.
+    """
 
     changes_steps = False
 

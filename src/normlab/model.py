@@ -90,6 +90,13 @@ class Net(nn.Module):
             statistics (``norms.BatchNorm2d``).
         weight_std: Weight Standardization (``norms.StdConv2d``) for every convolution
             followed by a norm; the classifier is not.
+
+    Examples:
+        >>> net = Net("group", num_groups=4)
+        >>> net(torch.randn(2, 1, 28, 28)).exp().sum(1)  # probabilities
+        tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)
+        >>> count_parameters(net)
+        9530
     """
 
     def __init__(
@@ -148,5 +155,10 @@ class Net(nn.Module):
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
+    """Number of trainable parameters.
+
+    Examples:
+        >>> count_parameters(nn.Linear(3, 2))
+        8
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -32,7 +32,12 @@ from .normact import standardize_weights
 
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     """``KEY=VALUE`` strings as keyword arguments; values are Python literals (``8``,
-    ``0.5``, ``True``, ``(1, 2)``, ``'a'``), anything else a plain string."""
+    ``0.5``, ``True``, ``(1, 2)``, ``'a'``), anything else a plain string.
+
+    Examples:
+        >>> parse_model_args(["depth=20", "widths=(16, 32)", "name=wide"])
+        {'depth': 20, 'widths': (16, 32), 'name': 'wide'}
+    """
     args: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")
@@ -48,7 +53,15 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ModelSpec:
     """A model by name: ``spec`` is ``package.module:callable`` or ``path/file.py:callable``,
-    ``args`` its keyword arguments as given (sorted pairs, so the spec is hashable)."""
+    ``args`` its keyword arguments as given (sorted pairs, so the spec is hashable).
+
+    Examples:
+        >>> spec = ModelSpec.parse("normlab.model:Net", ["dropout=0.1"])
+        >>> net = spec.variant("group", num_groups=4, virtual_batches=1,
+        ...                    weight_std=False, in_channels=1, num_classes=10)
+        >>> type(net.features[0][1]).__name__, net.normlab_config["norm"]
+        ('GroupNorm', 'group')
+    """
 
     spec: str
     args: tuple[tuple[str, Any], ...] = ()

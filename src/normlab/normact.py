@@ -46,6 +46,12 @@ class FilterResponseNorm2d(nn.Module):
     Parameters ``weight`` (γ), ``bias`` (β) and ``tau`` (τ), as timm names them.
     ``apply_act=False`` drops the threshold (no τ): the normalization alone, for a norm no
     ReLU follows (a residual block's last, before the addition), as timm's ``apply_act``.
+
+    Examples:
+        >>> frn = FilterResponseNorm2d(8)
+        >>> y = frn(torch.randn(2, 8, 4, 4))
+        >>> bool((y >= frn.tau.view(1, -1, 1, 1)).all())  # the threshold
+        True
     """
 
     def __init__(self, num_features: int, eps: float = 1e-6, *, apply_act: bool = True,
@@ -84,6 +90,11 @@ class EvoNorm2dB0(nn.Module):
     side of the maximum, y = x / √(var_{N,H,W}(x) + ε) · γ + β (no ``v``): the normalization
     without the nonlinearity, for a norm no ReLU follows. (timm's ``apply_act=False`` drops
     the division too, leaving only γ x + β; normlab keeps the layer a normalization.)
+
+    Examples:
+        >>> evo = EvoNorm2dB0(8, virtual_batches=2)  # a variance per half batch
+        >>> evo(torch.randn(4, 8, 5, 5)).shape, evo.running_var.shape
+        (torch.Size([4, 8, 5, 5]), torch.Size([8]))
     """
 
     def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.1, *,
@@ -164,6 +175,10 @@ class EvoNorm2dS0(nn.Module):
     statistics and no running state. ε = 1e-5, ``groups`` as Group Norm's, parameter names
     ``weight``, ``bias``, ``v`` as timm's. It **replaces the norm and the ReLU**.
     ``apply_act=False`` drops the sigmoid gate (no ``v``), as timm's: y = x / σ · γ + β.
+
+    Examples:
+        >>> EvoNorm2dS0(8, groups=4)(torch.randn(2, 8, 3, 3)).shape
+        torch.Size([2, 8, 3, 3])
     """
 
     def __init__(self, num_features: int, groups: int = 4, eps: float = 1e-5, *,
@@ -231,7 +246,15 @@ class StdConv2d(_WeightStandardized, nn.Conv2d):
     filter is standardised to zero mean and unit variance over its inputs and kernel
     positions (biased variance, ε = 1e-6 inside the square root, as timm's ``StdConv2d``)
     before the convolution. The stored ``weight`` stays the raw one, so weights load as for
-    ``nn.Conv2d``."""
+    ``nn.Conv2d``.
+
+    Examples:
+        >>> conv = StdConv2d(3, 4, 3)
+        >>> w = conv.standardised_weight().flatten(1)
+        >>> var, mean = torch.var_mean(w, 1, correction=0)
+        >>> bool(mean.abs().max() < 1e-6), bool((var - 1).abs().max() < 1e-4)
+        (True, True)
+    """
 
     def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -263,8 +286,14 @@ def standardize_weights(model: nn.Module, eps: float = 1e-6) -> nn.Module:
     places stays one module. Draws no random numbers, so the model's seed gives the same
     training as a model built with ``StdConv`` layers from the start. Returns the model (a
     new one if ``model`` itself is a convolution, which is then always standardised).
+    ``standardize_weights(convert(resnet, "group"))`` is GN+WS (Qiao et al.).
 
-    Example: ``standardize_weights(convert(resnet, "group"))`` is GN+WS (Qiao et al.)."""
+    Examples:
+        >>> model = nn.Sequential(nn.Conv1d(2, 8, 3), nn.BatchNorm1d(8),
+        ...                       nn.Conv1d(8, 4, 1))
+        >>> [type(m).__name__ for m in standardize_weights(model)]
+        ['StdConv1d', 'BatchNorm1d', 'Conv1d']
+    """
     done: dict[int, nn.Module] = {}
 
     def swap(conv: nn.Module) -> nn.Module:

@@ -234,6 +234,13 @@ def statistics_seen(model: nn.Module, batches: Iterable[torch.Tensor], images_pe
     ``mean`` and ``var`` (batches x channels) with the model's own ``running_mean`` and
     ``running_var`` (channels), which eval mode uses instead. Why small-batch Batch Norm
     fails shows in the gap between the two.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), BatchNorm2d(4))
+        >>> batches = [torch.randn(8, 1, 6, 6) for _ in range(3)]
+        >>> seen = statistics_seen(model, batches, 2)
+        >>> list(seen), seen["1"]["mean"].shape  # a row per batch, a column per channel
+        (['1'], torch.Size([3, 4]))
     """
     clone = copy.deepcopy(model).train()
     seen: dict[str, dict[str, list[torch.Tensor]]] = {}

@@ -190,7 +190,16 @@ def _load_other(dataset: str, data_dir: str | os.PathLike | None, download_missi
 
 def check_fits(nbytes: int, name: str, available: int | None = None) -> None:
     """Refuse, before reading it, a data set that would take more than three quarters of
-    the memory this machine has available: normlab holds every split in memory."""
+    the memory this machine has available: normlab holds every split in memory.
+
+    Examples:
+        >>> check_fits(2**29, "npz:small.npz", available=2**30)  # fits: no error
+        >>> try:
+        ...     check_fits(2**30, "npz:big.npz", available=2**30)
+        ... except DataError as error:
+        ...     print(str(error)[:32])
+        npz:big.npz: 1.0 GiB in memory,
+    """
     available = available if available is not None else available_memory()
     if available is not None and nbytes > 0.75 * available:
         raise DataError(f"{name}: {nbytes / 2**30:.1f} GiB in memory, {available / 2**30:.1f} "
@@ -213,7 +222,13 @@ def channel_statistics(x: torch.Tensor, grayscale: bool = False, chunk: int = 40
                        ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of inputs as the model sees them (uint8
     scaled to [0, 1]), in float64, a chunk of inputs at a time; ``grayscale``: ``x`` is
-    N x H x W, one channel."""
+    N x H x W, one channel.
+
+    Examples:
+        >>> x = torch.tensor([[[0, 255]], [[255, 255]]], dtype=torch.uint8)  # 2 x 1 x 2
+        >>> channel_statistics(x)
+        ((0.75,), (0.433013,))
+    """
     if len(x) == 0:
         raise DataError("the training split is empty")
     channels = 1 if grayscale else x.shape[1]

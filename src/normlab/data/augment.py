@@ -33,7 +33,14 @@ def affine(x: torch.Tensor, draws: torch.Tensor, degrees: float = 7.0, translate
            scale: float = 0.1) -> torch.Tensor:
     """Apply the affine maps chosen by ``draws`` (n x 4, uniform in [-1, 1): angle, scale, x and
     y shift, as fractions of their ranges) to the batch ``x``: one affine grid, sampled
-    bilinearly, computed on ``x``'s device."""
+    bilinearly, computed on ``x``'s device.
+
+    Examples:
+        >>> x = torch.rand(2, 1, 28, 28)
+        >>> same = affine(x, torch.zeros(2, 4))  # draws of 0: the identity map
+        >>> torch.allclose(same, x, atol=1e-5)
+        True
+    """
     n, _, h, w = x.shape
     angle = draws[:, 0] * math.radians(degrees)
     factor = 1 + draws[:, 1] * scale
@@ -50,7 +57,17 @@ def crop_flip(x: torch.Tensor, draws: torch.Tensor, pad: int = 4) -> torch.Tenso
     """Each image of ``x`` (n, C, H, W) cropped back to H x W from a copy padded by ``pad``
     zeros on every side, at the offset ``draws[:, :2]`` chooses, and mirrored left-right
     where ``draws[:, 2] >= 0`` (probability 1/2): the standard CIFAR augmentation, as one
-    gather for the whole batch."""
+    gather for the whole batch.
+
+    Examples:
+        >>> x = torch.arange(16.0).view(1, 1, 4, 4)
+        >>> centre = torch.tensor([[0.0, 0.0, -1.0]])  # offset 1 of 0..2, no flip
+        >>> crop_flip(x, centre, pad=1)[0, 0]
+        tensor([[ 0.,  1.,  2.,  3.],
+                [ 4.,  5.,  6.,  7.],
+                [ 8.,  9., 10., 11.],
+                [12., 13., 14., 15.]])
+    """
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     offset = ((draws[:, :2] + 1) / 2 * (2 * pad + 1)).long().clamp_(0, 2 * pad)  # 0 .. 2 pad
@@ -82,7 +99,13 @@ AUGMENTS: dict[str, Augment] = {a.name: a for a in (
 
 
 def default_augment(kind: str, channels: int) -> str:
-    """The augmentation a data set gets unless ``--augment`` says otherwise."""
+    """The augmentation a data set gets unless ``--augment`` says otherwise.
+
+    Examples:
+        >>> [default_augment("image", 1), default_augment("image", 3),
+        ...  default_augment("volume", 1)]
+        ['affine', 'crop-flip', 'none']
+    """
     if kind != "image":
         return "none"  # a flip or crop of a signal or volume may change its class
     return "affine" if channels == 1 else "crop-flip"

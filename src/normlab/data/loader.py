@@ -31,6 +31,14 @@ class Loader:
     and augmentation, and yields only its own contiguous part of each global batch of
     ``batch_size`` (cut as ``torch.tensor_split`` cuts it), so the union over ranks is
     exactly what one process would train on.
+
+    Examples:
+        >>> images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+        >>> labels = torch.zeros(10, dtype=torch.long)
+        >>> loader = Loader(images, labels, 4, shuffle=True, augment="crop-flip",
+        ...                 seed=1, mean=(0.5,) * 3, std=(0.25,) * 3)
+        >>> [tuple(x.shape) for x, _ in loader]
+        [(4, 3, 8, 8), (4, 3, 8, 8), (2, 3, 8, 8)]
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
