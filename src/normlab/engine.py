@@ -19,7 +19,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import load_training_state, save_training_state
@@ -36,6 +35,7 @@ from .errors import UsageError
 from .model import ARCHITECTURE, Net
 from .modelspec import ModelSpec
 from .norms import RenormSchedule
+from .progress import tqdm
 from .step import (  # noqa: F401 - also part of engine's documented API
     CudaGraphStep,
     Totals,

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed, modelspec
 from .checkpoint import write_json
@@ -49,6 +48,7 @@ from .experiments.base import Experiment, Run, Settings
 from .folder import apply_config, open_resume, prepare_out, run_lock
 from .model import Net
 from .norms import NORMS
+from .progress import tqdm
 from .provenance import environment
 from .variants import VARIANTS
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..progress import tqdm
 from .idx import DatasetSpec, default_data_dir
 
 SUFFIXES = {".png", ".jpg", ".jpeg"}
