@@ -21,8 +21,6 @@ from urllib.parse import unquote, urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "site"
 CONTRIBUTORS = {"architecture", "testing", "performance", "tuning"}
-# The executed notebook's outputs still name the machine that ran it, until it is run again.
-MACHINE_PATHS_KNOWN = {"normalization_study"}
 CODE_COLUMNS = 80
 MACHINE = re.compile(r"(?<![\w.])/(?:work|tmp|home|root)/[\w.+-]")
 ISSUE = re.compile(r"\bissues?\b", re.IGNORECASE)
@@ -68,9 +66,8 @@ def words(path: Path, page: str) -> list[str]:
         return []
     text = visible_text(page)
     problems = []
-    if top not in MACHINE_PATHS_KNOWN:
-        problems += [f"{path.relative_to(SITE)}: shows a machine's folder: {m.group(0)}..."
-                     for m in MACHINE.finditer(text)]
+    problems += [f"{path.relative_to(SITE)}: shows a machine's folder: {m.group(0)}..."
+                 for m in MACHINE.finditer(text)]
     problems += [f"{path.relative_to(SITE)}: speaks of '{m.group(0)}' to users"
                  for m in ISSUE.finditer(text)]
     return problems
