@@ -156,10 +156,8 @@ def rebuild(config: dict[str, Any], path: str | Path = "<weights>") -> nn.Module
         return Net(**config)
     from .modelspec import ModelSpec  # imports convert: only where a --model is rebuilt
 
-    described = config["model"]
-    spec = ModelSpec(described["spec"], tuple(sorted(described.get("args", {}).items())),
-                     described.get("outputs") == "logits")
     try:
+        spec = ModelSpec.from_description(config["model"])
         model = spec.variant(config["norm"], config["num_groups"],
                              config.get("virtual_batches", 1), config.get("weight_std", False),
                              config["in_channels"], config["num_classes"])

@@ -88,11 +88,12 @@ def load_trained(path: str | Path, device: torch.device) -> tuple[Net, Trained]:
         raise CheckpointError(f"{path}: neither its header nor a normlab record beside it "
                               f"({', '.join(RECORDS)}) says its {' and '.join(missing)}; "
                               f"evaluate weights in the folder normlab wrote them to")
+    norm = NORMS[norm_of(model)]
     if "images_per_statistic" not in merged:  # a compare: per process, or per virtual batch
         per_process = merged["batch_size"] // merged.get("world_size", 1)
-        merged["images_per_statistic"] = (None if NORMS[norm_of(model)].synchronized else
+        merged["images_per_statistic"] = (None if norm.synchronized else
                                           merged.get("virtual_batch_size") or per_process)
-    if NORMS[norm_of(model)].synchronized:  # statistics over the whole global batch
+    if norm.synchronized:  # statistics over the whole global batch
         merged["images_per_statistic"] = merged["batch_size"]
     if not batch_dependent(model):
         merged["images_per_statistic"] = None
@@ -126,7 +127,7 @@ def evaluate_model(model: Net, data: Data, trained: Trained, mode: str, device: 
     _, test_loader = make_loaders(data, trained.batch_size, 0, device)
     if mode == "running" or not batch_dependent(model):
         return test(model, device, test_loader, trained.precision)
-    model = _copy(model)
+    model = copy.deepcopy(model)  # the caller's model keeps its statistics
     if mode == "batch":
         with batch_statistics(model, trained.images_per_statistic or trained.batch_size) as f:
             return _test_with(f, data, trained, device)
@@ -136,7 +137,7 @@ def evaluate_model(model: Net, data: Data, trained: Trained, mode: str, device: 
                          f"{trained.batch_size}")
     if mode == "precise-augmented":  # the training loader's batches, as fvcore takes them
         train = data.loader(data.train_images, data.train_labels, trained.batch_size,
-                            shuffle=True, augment=data.augment or data.spec.augment,
+                            shuffle=True, augment=data.training_augment,
                             seed=PRECISE_SEED, device=device)
     else:  # the first training images, in order, without augmentation, in the run's batches
         train = data.loader(data.train_images[:precise_images],
@@ -147,10 +148,6 @@ def evaluate_model(model: Net, data: Data, trained: Trained, mode: str, device: 
         precise_bn(model, (x for x, _ in train), images=precise_images,
                    images_per_statistic=grouped)
     return test(model, device, test_loader, trained.precision)
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,11 @@ class ModelSpec:
                              f"not a callable that returns a model")
         return target
 
+    @cached_property
     def fingerprint(self) -> str:
         """What identifies the code: a file's SHA-256, an installed package's version (else
-        the module file's SHA-256)."""
+        the module file's SHA-256). Read once per spec: every variant, checkpoint key and
+        weights file of a run names the code as the run found it."""
         where, _ = self._parts
         if self.is_file:
             return "sha256:" + _sha256(Path(where).expanduser())
@@ -134,15 +137,20 @@ class ModelSpec:
 
     def describe(self) -> dict[str, Any]:
         """What the record keeps to rebuild the model and recognise its code."""
-        return {"spec": self.spec, "args": dict(self.args), "fingerprint": self.fingerprint(),
+        return {"spec": self.spec, "args": dict(self.args), "fingerprint": self.fingerprint,
                 "outputs": "logits" if self.logits else "log-probabilities"}
+
+    @classmethod
+    def from_description(cls, described: dict[str, Any]) -> ModelSpec:
+        """The spec that ``describe`` described (a record's or a weights file's)."""
+        spec = cls.parse(described["spec"], described.get("args", {}))
+        return cls(spec.spec, spec.args, described.get("outputs") == "logits")
 
     @classmethod
     def from_record(cls, described: dict[str, Any], where: str) -> ModelSpec:
         """The spec a record describes, refused in one line if its code has changed since."""
-        spec = cls.parse(described["spec"], described.get("args", {}))
-        spec = cls(spec.spec, spec.args, described.get("outputs") == "logits")
-        now = spec.fingerprint()
+        spec = cls.from_description(described)
+        now = spec.fingerprint
         if now != described.get("fingerprint"):
             raise UsageError(f"{where} was trained with {spec.spec} at "
                              f"{described.get('fingerprint')}, its code is now {now}; restore "

@@ -17,7 +17,6 @@ and chooses the augmentation (``augment``) by kind. ``Loader`` (``loader``) batc
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -85,6 +84,11 @@ class Data:
         return len(self.spec.classes)
 
     @property
+    def training_augment(self) -> str:
+        """The augmentation training uses: ``augment`` if set, else the data set's own."""
+        return self.augment or self.spec.augment
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """One input as the model sees it: (C, L), (C, H, W) or (C, D, H, W)."""
         shape = tuple(self.train_images.shape[1:])
@@ -107,7 +111,7 @@ class Data:
         return dict(kind=self.spec.kind, input_shape=list(self.input_shape),
                     classes=len(self.spec.classes), mean=_listed(self.spec.mean),
                     std=_listed(self.spec.std),
-                    augment=self.augment or self.spec.augment)
+                    augment=self.training_augment)
 
 
 def _listed(value: float | tuple[float, ...]) -> float | list[float]:
@@ -163,25 +167,20 @@ def load_data(data_dir: str | os.PathLike | None = None, dataset: str | DatasetS
 
 def _load_other(dataset: str, data_dir: str | os.PathLike | None, download_missing: bool
                 ) -> tuple[DatasetSpec, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """A data set of another format than IDX, by name, after its memory check."""
+    """A data set of another format than IDX, by name (each format checks that it fits in
+    memory before reading it)."""
     kind, _, where = dataset.partition(":")
     if dataset in ("cifar10", "cifar100"):
         from .cifar import load_cifar
 
         return load_cifar(dataset, data_dir, download_missing)
     if kind == "npz" and where:
-        from .npz import load_npz, npz_shapes
+        from .npz import load_npz
 
-        path = Path(where).expanduser()
-        if path.is_file():
-            check_fits(sum(math.prod(shape) * (1 if dtype.itemsize == 1 and dtype.kind == "u"
-                                               else 4)
-                           for shape, dtype in npz_shapes(path).values()), dataset)
-        return load_npz(path)
+        return load_npz(where)
     if kind == "folder" and where:
-        from .imagefolder import estimated_bytes, load_folder
+        from .imagefolder import load_folder
 
-        check_fits(estimated_bytes(Path(where).expanduser()), dataset)
         return load_folder(where)
     raise DataError(f"unknown dataset {dataset!r}; choose one of: {', '.join(NAMED)}, "
                     f"folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*) or npz:PATH "
@@ -253,6 +252,6 @@ def make_loaders(data: Data, batch_size: int, seed: int, device: torch.device | 
     """Train loader (shuffled, augmented, seeded; ``shard=(rank, world)`` gives this rank's
     part of every global batch) and test loader (in order, large batches)."""
     return (data.loader(data.train_images, data.train_labels, batch_size, shuffle=True,
-                        augment=data.augment or data.spec.augment, seed=seed, shard=shard,
+                        augment=data.training_augment, seed=seed, shard=shard,
                         device=device),
             data.loader(data.test_images, data.test_labels, test_batch_size, device=device))

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import DataError
 from ..progress import tqdm
+from . import check_fits  # the package is loaded before any format module
 from .idx import DatasetSpec, default_data_dir
 
 SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -50,11 +51,10 @@ def image_files(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path,
     return classes, files
 
 
-def estimated_bytes(root: Path) -> int:
+def estimated_bytes(files: dict[str, list[tuple[Path, int]]]) -> int:
     """The decoded size of every image, from the first one's header (all must match it)."""
     from PIL import Image, UnidentifiedImageError
 
-    _, files = image_files(root)
     first = files["train"][0][0]
     try:
         with Image.open(first) as im:
@@ -71,6 +71,7 @@ def load_folder(path: str | Path
     the files are unchanged."""
     root = Path(path).expanduser()
     classes, files = image_files(root)
+    check_fits(estimated_bytes(files), f"folder:{root}")
     listing = [str(root.resolve())] + [
         (str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns, k)
         for split in ("train", "test") for f, k in files[split]]

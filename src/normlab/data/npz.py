@@ -9,6 +9,7 @@ could run code when loaded; normlab refuses them.
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from . import check_fits  # the package is loaded before any format module
 from .idx import DatasetSpec
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -51,6 +53,8 @@ def load_npz(path: str | Path, splits: tuple[str, ...] = ("train", "test")
     if not path.is_file():
         raise DataError(f"npz:{path}: no such file")
     shapes = npz_shapes(path)
+    check_fits(sum(math.prod(shape) * (1 if dtype == np.uint8 else 4)  # as held in memory
+                   for shape, dtype in shapes.values()), f"npz:{path}")
     ndim = len(shapes["x_train"][0])
     if ndim not in KINDS:
         raise DataError(f"{path}: x_train is {ndim}-D {shapes['x_train'][0]}; expected (N, C, L) "
