@@ -337,6 +337,8 @@ def _run(experiment: Experiment, ranks: Ranks, device: torch.device, stack: Exit
     phases.load_data()  # every rank; checks that the runs can be split as asked
     phases.start_record()  # command, settings, machine, how the runs are parallel
     phases.train_unfinished()  # each run kept in the record as it finishes
+    if ranks.distributed:
+        distributed.all_done()  # the last collective is over on every rank
     return phases.finish()  # the experiment's last step, figures and report, from the record
 
 
