@@ -188,3 +188,27 @@ def test_convert_gives_a_residual_block_its_norm_without_activation():
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     again = convert(spec.build(1, 10), "evonorm-b0", virtual_batches=2)
     assert again(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+
+
+def test_summary_shows_your_model_converted_for_each_variant(models, capsys):
+    """`normlab summary --model` builds each variant as a study would (the input's channels
+    and the classes passed on), so its layers and parameter counts are the study's."""
+    assert main(["summary", "--model", f"{models}:small", "--model-arg", "width=8",
+                 "--variants", "bn", "gn+ws", "frn", "--input-shape", "3,32,32",
+                 "--num-classes", "5"]) == 0
+    out = capsys.readouterr().out
+    # conv 3*8*9 + 8 bias, norm 8 + 8, classifier 8*5 + 5; FRN adds its tau (8)
+    assert "== bn: Batch Norm (285 parameters)" in out and "[1, 5]" in out
+    assert "(285 parameters)" in out.split("== gn+ws")[1] and "(293 parameters)" in out
+    assert "StdConv2d" in out and "GroupNorm" in out and "== frn:" in out
+    assert "[1, 8, 30, 30]" in out  # a 3x32x32 input through the 3x3 convolution
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-shape", "3,32"], "--input-shape is for a --model"),
+    (["--input-shape", "3,x"], "expected positive integers C,L or C,H,W or C,D,H,W"),
+    (["--model", "{p}:fixed", "--input-shape", "1,28,28"], "the data has 1"),
+])
+def test_summary_refuses_in_one_line(models, capsys, argv, message):
+    code, line = cli_error(["summary", *[a.format(p=models) for a in argv]], capsys)
+    assert code == 2 and message in line, line

@@ -22,7 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__, distributed, evaluate, explain
+import torch
+
+from . import __version__, distributed, evaluate, explain, modelspec
 from .checkpoint import WEIGHTS_SUFFIX, convert_weights, write_json
 from .device import select_device
 from .errors import UsageError, error_line
@@ -102,18 +104,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="print a torchinfo summary of each variant")
     add_model_options(p, STUDY_VARIANTS)
+    p.add_argument("--model", metavar="SPEC", help="your network instead of normlab's CNN, "
+                   "as for compare: each variant is it with its norms converted")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="a keyword argument of the --model callable (repeatable)")
+    p.add_argument("--input-shape", type=shape_arg, default=(1, 28, 28), metavar="C,...",
+                   help="one input's shape: channels then length, H,W or D,H,W "
+                   "(default: 1,28,28)")
+    p.add_argument("--num-classes", type=positive_int, default=10,
+                   help="classes the --model callable is built for (default: 10)")
     p.set_defaults(func=cmd_summary)
 
     add_explain_parser(sub)
     return parser
 
 
+def shape_arg(text: str) -> tuple[int, ...]:
+    """``C,L``, ``C,H,W`` or ``C,D,H,W``, each a positive integer."""
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if not 2 <= len(shape) <= 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers C,L or "
+                                         f"C,H,W or C,D,H,W, e.g. 3,32,32")
+    return shape
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from torchinfo import summary
 
-    for name, model in build_models(args.variants, args.num_groups).items():
+    spec = modelspec.from_args(args)
+    if spec is None:
+        if args.input_shape != (1, 28, 28):
+            raise UsageError("normlab's CNN takes 1x28x28 images; --input-shape is for a "
+                             "--model")
+        models = build_models(args.variants, args.num_groups)
+    else:  # checked as a study checks it, on two zero inputs of the given shape
+        example = torch.zeros(2, *args.input_shape)
+        variants = {v: (VARIANTS[v].norm, VARIANTS[v].weight_std) for v in args.variants}
+        spec, _ = modelspec.check(spec, variants, args.num_groups, example, args.num_classes)
+        models = {v: spec.variant(norm, args.num_groups, 1, std, args.input_shape[0],
+                                  args.num_classes) for v, (norm, std) in variants.items()}
+    for name, model in models.items():
         print(f"== {name}: {VARIANTS[name].label} ({count_parameters(model):,} parameters)")
-        print(summary(model, input_size=(1, 1, 28, 28), verbose=0,
+        print(summary(model, input_size=(1, *args.input_shape), verbose=0,
                       col_names=("output_size", "num_params")))
         print()
     return 0
