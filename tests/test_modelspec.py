@@ -164,6 +164,10 @@ def test_a_user_model_runs_records_resumes_and_evaluates(tiny_mnist, tmp_path, c
     # 12 channels: conv 1*12*9 + 12, norm 24 (frn: +12 thresholds), linear 12*10 + 10
     assert described["parameters"] == {"bn": 274, "gn": 274, "frn": 286}
     assert record["variants"]["gn"]["params"] == 274
+    # The report's command is the one that ran: the model's description is no option value.
+    report = (out / "report.md").read_text()
+    assert f"--model {models}:small --model-arg width=12" in report
+    assert "defaults have changed" not in report
     rows = evaluate_files([out / "gn-seed1.safetensors"], ["running"], CPU,
                           data_dir=str(tiny_mnist[1]))
     assert rows[0]["test_acc"] == record["variants"]["gn"]["runs"][0]["history"]["test_acc"][-1]

@@ -181,6 +181,8 @@ class Experiment:
         extra = []
         for key, value in record.get("config_as_run", record["config"]).items():
             dest = {"lambda_l1": "l1"}.get(key, key)
+            if isinstance(value, dict):  # a description (config.model), not an option value
+                continue
             if dest in options and key not in cls.fixed and getattr(args, dest) != value:
                 values = value if isinstance(value, list) else [value]
                 extra += [options[dest].option_strings[0], *map(str, values)]
