@@ -32,7 +32,7 @@ from .experiments import registry
 from .experiments.sweep import Sweep, extend_record
 from .folder import run_lock
 from .model import count_parameters
-from .options import add_model_options, positive_int
+from .options import add_model_options, add_model_spec_options, positive_int
 from .provenance import git_revision
 from .runner import build_models, run_experiment
 from .variants import STUDY_VARIANTS, VARIANTS
@@ -104,10 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="print a torchinfo summary of each variant")
     add_model_options(p, STUDY_VARIANTS)
-    p.add_argument("--model", metavar="SPEC", help="your network instead of normlab's CNN, "
-                   "as for compare: each variant is it with its norms converted")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="a keyword argument of the --model callable (repeatable)")
+    add_model_spec_options(p)
     p.add_argument("--input-shape", type=shape_arg, default=(1, 28, 28), metavar="C,...",
                    help="one input's shape: channels then length, H,W or D,H,W "
                    "(default: 1,28,28)")
@@ -142,7 +139,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         models = build_models(args.variants, args.num_groups)
     else:  # checked as a study checks it, on two zero inputs of the given shape
         example = torch.zeros(2, *args.input_shape)
-        variants = {v: (VARIANTS[v].norm, VARIANTS[v].weight_std) for v in args.variants}
+        variants = modelspec.variant_layers(args.variants)
         spec, _ = modelspec.check(spec, variants, args.num_groups, example, args.num_classes)
         models = {v: spec.variant(norm, args.num_groups, 1, std, args.input_shape[0],
                                   args.num_classes) for v, (norm, std) in variants.items()}

@@ -17,7 +17,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +29,7 @@ from torch import nn
 from .convert import convert
 from .errors import UsageError
 from .normact import standardize_weights
+from .variants import VARIANTS
 
 
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
@@ -223,6 +224,11 @@ def model_argv(model: str | dict[str, Any] | None, model_arg: list[str] | None) 
     else:
         spec, args = model, list(model_arg or [])
     return ["--model", spec, *[x for a in args for x in ("--model-arg", a)]]
+
+
+def variant_layers(variants: Iterable[str]) -> dict[str, tuple[str, bool]]:
+    """Each variant's (norm, weight_std): what ``check`` and ``ModelSpec.variant`` build."""
+    return {v: (VARIANTS[v].norm, VARIANTS[v].weight_std) for v in variants}
 
 
 def check(spec: ModelSpec, variants: dict[str, tuple[str, bool]], num_groups: int,

@@ -70,10 +70,8 @@ def add_model_options(p: argparse.ArgumentParser, default: tuple[str, ...]) -> N
                    help="groups for Group Norm; must divide every layer's channels (default: 4)")
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options every training command shares: data, output, device, L1, resume, parallelism."""
-    p.add_argument("--l1", type=non_negative_float, default=DEFAULTS["lambda_l1"],
-                   metavar="LAMBDA", help="L1 weight for variants with L1 (default: %(default)s)")
+def add_model_spec_options(p: argparse.ArgumentParser) -> None:
+    """--model and --model-arg: the user's network (every study, and ``summary``)."""
     p.add_argument("--model", metavar="SPEC",
                    help="train your own network instead of normlab's small CNN: "
                    "package.module:callable or path/to/file.py:callable returning an "
@@ -82,6 +80,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="a keyword argument of the --model callable, as a Python literal "
                    "(repeatable); in_channels and num_classes come from the data unless set")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options every training command shares: data, output, device, L1, resume, parallelism."""
+    p.add_argument("--l1", type=non_negative_float, default=DEFAULTS["lambda_l1"],
+                   metavar="LAMBDA", help="L1 weight for variants with L1 (default: %(default)s)")
+    add_model_spec_options(p)
     p.add_argument("--dataset", type=dataset_arg, default="mnist", metavar="DATASET",
                    help=f"{', '.join(NAMED)}; folder:PATH (PATH/train/<class>/*.png|jpg and "
                    f"PATH/test/<class>/*); or npz:PATH (x_train, y_train, x_test, y_test: "

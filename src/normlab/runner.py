@@ -337,8 +337,7 @@ def _run(experiment: Experiment, ranks: Ranks, device: torch.device, stack: Exit
     phases.load_data()  # every rank; checks that the runs can be split as asked
     phases.start_record()  # command, settings, machine, how the runs are parallel
     phases.train_unfinished()  # each run kept in the record as it finishes
-    if ranks.distributed:
-        distributed.all_done()  # the last collective is over on every rank
+    distributed.all_done()  # under torchrun: the last collective is over on every rank
     return phases.finish()  # the experiment's last step, figures and report, from the record
 
 
@@ -381,8 +380,7 @@ class _Phases:
             spec = modelspec.from_args(self.args)
             if spec is not None:  # every variant of the user's model, checked on this data
                 self.model, self.parameters = modelspec.check(
-                    spec, {v: (VARIANTS[v].norm, VARIANTS[v].weight_std)
-                           for v in self.experiment.variants()},
+                    spec, modelspec.variant_layers(self.experiment.variants()),
                     self.args.num_groups, data.example(), data.num_classes)
             return data
 
