@@ -119,8 +119,8 @@ def models(tmp_path):
     ("{p}:NUMBER", [], "NUMBER is a int, not a callable that returns a model"),
     ("{p}:not_a_model", [], "returned a int, not a torch.nn.Module"),
     ("{p}:breaks", [], "building it failed (RuntimeError: no such depth); check --model-arg"),
-    ("{p}:fixed", [], "the model takes 3 input channel(s), the data has 1: give the callable "
-     "an in_channels argument or pass --model-arg in_channels=1"),
+    ("{p}:fixed", [], "the model takes 3 input channel(s), the data has 1: the callable "
+     "takes no in_channels, in_chans, n_input_channels, input_channels argument"),
     ("{p}:wrong_classes", [], "its output is (2, 7), normlab needs (N, 10)"),
     ("{p}:layer_norm", ["--variants", "gn"], "LayerNorm: normalise over their last dimension"),
     ("{p}:small", ["--model-arg", "width"], "--model-arg 'width': expected KEY=VALUE"),

@@ -9,14 +9,17 @@ the same way and recorded as the command that reproduces the run.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .folder import prepare_out, remove_unused
 
 
 def run(experiment: str, *, model: str | Callable[..., Any] | None = None,
@@ -52,21 +55,43 @@ def run(experiment: str, *, model: str | Callable[..., Any] | None = None,
     if getattr(args, "experiment", None) is None:
         raise UsageError(f"{experiment!r} is not an experiment; choose one of: compare, "
                          f"statistics, sweep, remedies")
-    if args.out is None and args.resume is None:  # the folder must be known to return it
-        from .folder import prepare_out
-
+    made = args.out is None and args.resume is None
+    if made:  # the folder must be known to return it
         args.out = prepare_out(None, experiment, args.experiment.record_name)
         argv += ["--out", str(args.out)]
+    said = _Tee(sys.stderr)  # the user still sees it; the exception repeats its last line
     try:
-        code = main(argv)
+        with contextlib.redirect_stderr(said):
+            code = main(argv)
     except SystemExit as exc:  # the command line's one-line errors, as an exception
-        raise UsageError(f"normlab {experiment} stopped (exit code {exc.code}); its message "
-                         f"is above") from None
+        if made:  # refused before it wrote anything: no empty folder left behind
+            remove_unused(Path(args.out))
+        lines = [line for line in said.text().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"stopped with exit code {exc.code}"
+        raise UsageError(reason.removeprefix(f"normlab {experiment}: ")) from None
     folder = Path(args.resume or args.out)
     record = json.loads((folder / args.experiment.record_name).read_text())
     if code:
         record["exit_code"] = code
     return record, folder
+
+
+class _Tee(io.StringIO):
+    """Writes to ``stream`` and keeps a copy."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def text(self) -> str:
+        return self.getvalue()
 
 
 def _model_argv(model: str | Callable[..., Any] | None) -> list[str]:
@@ -84,15 +109,16 @@ def _model_argv(model: str | Callable[..., Any] | None) -> list[str]:
 
 
 def _dataset_argv(dataset: str | Path | None) -> list[str]:
+    """A name, ``folder:PATH``, ``npz:PATH`` or a bare path, spelt out as the command line
+    records it (``npz:/absolute/path``)."""
     if dataset is None:
         return []
-    text = str(dataset)
-    path = Path(text).expanduser()
-    if ":" not in text and path.is_dir():
-        text = f"folder:{text}"
-    elif ":" not in text and path.suffix == ".npz":
-        text = f"npz:{text}"
-    return ["--dataset", text]
+    from .options import dataset_arg
+
+    try:
+        return ["--dataset", dataset_arg(str(dataset))]
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"dataset: {exc}") from None
 
 
 def _argv(options: dict[str, Any]) -> list[str]:

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 1,28,28)")
     p.add_argument("--num-classes", type=positive_int, default=10,
                    help="classes the --model callable is built for (default: 10)")
+    p.add_argument("--depth", type=positive_int, metavar="N",
+                   help="module levels to show (default: all, so every norm layer of a "
+                   "nested network is listed)")
     p.set_defaults(func=cmd_summary)
 
     add_explain_parser(sub)
@@ -146,9 +149,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for name, model in models.items():
         print(f"== {name}: {VARIANTS[name].label} ({count_parameters(model):,} parameters)")
         print(summary(model, input_size=(1, *args.input_shape), verbose=0,
-                      col_names=("output_size", "num_params")))
+                      col_names=("output_size", "num_params"),
+                      depth=args.depth or _depth(model), mode="eval"))
         print()
     return 0
+
+
+def _depth(model: torch.nn.Module) -> int:
+    """How deep its modules nest (torchinfo's default of 3 stops above a nested network's
+    norm layers)."""
+    return max(name.count(".") + 1 for name, _ in model.named_modules())
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -174,7 +184,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    return run_experiment(args.experiment(args))
+    """Run the experiment; one that decides between passes (recommend) asks for another
+    pass into the same folder, run as its --resume would be."""
+    experiment = args.experiment(args)
+    code = run_experiment(experiment)
+    while code == 0 and experiment.more:
+        argv = [args.command, "--resume", str(experiment.args.out),
+                *(["--no-progress"] if args.no_progress else [])]
+        again = build_parser().parse_args(argv)
+        again.argv, again.deadline = argv, getattr(experiment.args, "deadline", None)
+        experiment = again.experiment(again)
+        code = run_experiment(experiment)
+    return code
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

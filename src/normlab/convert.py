@@ -14,7 +14,8 @@ stays shared.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchRenorm, _BatchStatistics
-from .normact import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNorm2d, StdConv2d
+from .normact import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNorm2d, NormAct, StdConv2d
 from .norms import Norm, make_norm, norm_record
 
 __all__ = ["convert", "to_torch"]
@@ -71,6 +72,7 @@ class _Step:
     new: nn.Module | None = None
     notes: list[str] = field(default_factory=list)
     relus: list[_Slot] = field(default_factory=list)  # ReLUs an activation norm absorbs
+    after: tuple[nn.Module, nn.Module] | None = None  # a norm-act layer's (drop, act)
 
     @property
     def names(self) -> list[str]:
@@ -158,7 +160,8 @@ def convert(model: nn.Module, norm: str, num_groups: int = 4, virtual_batches: i
         return _replacement(step, record, num_groups, virtual_batches, dims, options)
 
     return _run(model, decide, skip, report, dry_run, f"convert to {norm!r}",
-                (*SOURCES, *_NOT_CONVERTIBLE), absorb_relu=norm if record.activation else None)
+                (*SOURCES, *_NOT_CONVERTIBLE), absorb_relu=norm if record.activation else None,
+                strangers=True)
 
 
 def to_torch(model: nn.Module, *, skip: tuple[type[nn.Module], ...] = (),
@@ -188,18 +191,24 @@ def to_torch(model: nn.Module, *, skip: tuple[type[nn.Module], ...] = (),
 # -- plan, then apply
 
 def _run(model: nn.Module, decide: Decide, skip: tuple[type[nn.Module], ...], report: bool,
-         dry_run: bool, what: str, targets: tuple[type, ...], absorb_relu: str | None
+         dry_run: bool, what: str, targets: tuple[type, ...], absorb_relu: str | None,
+         strangers: bool = False
          ) -> nn.Module | tuple[nn.Module, dict[str, str]] | dict[str, str]:
     steps, dims = _find(model, targets, skip)
-    if not steps and decide is _torch_twin:  # plain torch already
+    refusals: dict[_Refusal, list[str]] = {}
+    for name, layer in _strangers(model, (*targets, *skip)) if strangers else ():
+        refusals.setdefault(_Refusal(
+            f"{type(layer).__name__}: a normalization normlab does not know (no subclass "
+            f"of a torch norm), so no target would replace it", "convert them by hand",
+            type(layer)), []).append(name)
+    if not steps and not refusals and decide is _torch_twin:  # plain torch already
         return {} if dry_run else (model, {}) if report else model
-    if not steps:
+    if not steps and not refusals:
         raise ValueError("the model has no normalization layer (Batch, Group, Instance, "
                          "Layer Norm ...) to convert; nothing was changed")
-    refusals: dict[_Refusal, list[str]] = {}
     for step in steps:
-        outcome = _refused_type(step.old)
-        if outcome is None and absorb_relu:
+        outcome = _refused_type(step.old) or _norm_act(step)
+        if outcome is None and absorb_relu and step.after is None:
             outcome = _relus_after(step)
         if outcome is None:
             outcome = decide(step, dims.get(id(step.old)))
@@ -282,6 +291,45 @@ def _refused_type(layer: nn.Module) -> _Refusal | None:
     return None
 
 
+def _norm_act(step: _Step) -> _Refusal | None:
+    """A torch norm whose ``forward`` another library overrides does more than normalize:
+    timm's norm-act layers (``BatchNormAct2d``, ``GroupNormAct``, ``SyncBatchNormAct``)
+    apply their ``drop`` and ``act`` modules after it, which ``step.after`` keeps for the
+    replacement. Any other override is refused by name: what it adds cannot be read."""
+    layer = step.old
+    owner = next(k for k in type(layer).__mro__ if "forward" in vars(k))
+    if owner.__module__.split(".")[0] in ("torch", "normlab"):
+        return None
+    children = set(layer._modules)
+    if children and children <= {"act", "drop"}:
+        step.after = (layer._modules.get("drop") or nn.Identity(),
+                      layer._modules.get("act") or nn.Identity())
+        return None
+    return _Refusal(f"{type(layer).__name__}, whose forward() does more than normalize, in a "
+                    f"way normlab cannot read (timm's norm-act layers keep theirs in 'drop' "
+                    f"and 'act' modules)", "convert them by hand", type(layer))
+
+
+# Class names of normalization layers outside torch (timm's EvoNorm2dS0a, FrozenBatchNorm2d,
+# FilterResponseNormTlu2d, LayerNorm2d, ...); "Normalize" (an input transform) is not one.
+_NORM_NAME = re.compile(r"Norm(Act)?(\d[dD])?$|^EvoNorm|NormAct|FilterResponseNorm")
+
+
+def _strangers(model: nn.Module, known: tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
+    """Layers that look like normalizations (by name, holding their own parameters or
+    buffers) but are no torch norm and not normlab's: a convert that left them would leave
+    a 'group' variant with another library's norms in it, without a word."""
+    for name, module in model.named_modules():
+        kind = type(module)
+        if isinstance(module, (*known, NormAct)) or \
+                kind.__module__.split(".")[0] in ("torch", "normlab") or \
+                not _NORM_NAME.search(kind.__name__) or set(module._modules) - {"act", "drop"}:
+            continue
+        if next(module.parameters(recurse=False), None) is not None or \
+                next(module.buffers(recurse=False), None) is not None:
+            yield name or "(the model)", module
+
+
 def _relus_after(step: _Step) -> _Refusal | None:
     """Find, for every place of ``step``'s layer, the ReLU that follows it in its
     nn.Sequential (past Dropout and Identity: ReLU commutes with dropout's positive
@@ -333,6 +381,10 @@ def _change_line(step: _Step) -> str:
 
 
 def _describe(layer: nn.Module) -> str:
+    if isinstance(layer, NormAct):  # what a norm-act layer became: the norm, then the rest
+        rest = [type(m).__name__ for m in (layer.drop, layer.act)
+                if not isinstance(m, nn.Identity)]
+        return " + ".join([_describe(layer.norm), *rest])
     return f"{type(layer).__name__}({layer.extra_repr()})"
 
 
@@ -352,9 +404,13 @@ def _replacement(step: _Step, record: Norm, num_groups: int, virtual_batches: in
         return _Refusal(f"of {channels} channels, which num_groups={num_groups} does not divide",
                         "pick a num_groups that divides every layer's channels")
     settings, notes = _carried(old, record)
-    if record.activation and not step.relus:
+    act = step.after[1] if step.after is not None else None
+    absorbs = bool(step.relus) or type(act) is nn.ReLU  # the target is its own activation
+    if record.activation and not absorbs:
         settings["apply_act"] = False
-        notes.append("no nn.ReLU after it: without its activation")
+        notes.append(f"without its own activation: its {type(act).__name__} follows it"
+                     if act is not None and not isinstance(act, nn.Identity)
+                     else "no nn.ReLU after it: without its activation")
     try:
         new = make_norm(record.name, channels, num_groups, virtual_batches,
                         None if record.dims == (1, 2, 3) and _layer_dims(old) is None
@@ -364,7 +420,13 @@ def _replacement(step: _Step, record: Norm, num_groups: int, virtual_batches: in
                         f"({exc})", "check the options")
     step.notes.extend(notes)
     _take_state(old, new, step.notes)
-    return new
+    if step.after is None:
+        return new
+    drop, act = step.after
+    if record.activation and absorbs:
+        act = nn.Identity()
+        step.notes.append(f"its ReLU is {record.name}'s own activation")
+    return NormAct(new, drop, act).train(old.training)
 
 
 def _carried(old: nn.Module, record: Norm) -> tuple[dict, list[str]]:

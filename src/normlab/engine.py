@@ -35,7 +35,7 @@ from .errors import UsageError
 from .model import ARCHITECTURE, Net
 from .modelspec import ModelSpec
 from .norms import RenormSchedule
-from .progress import tqdm
+from .progress import bar as progress_bar
 from .step import (  # noqa: F401 - also part of engine's documented API
     CudaGraphStep,
     Totals,
@@ -71,7 +71,8 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
     ``precision="bf16"`` runs the forward pass under bfloat16 autocast. ``graph`` (on a
     CUDA device, float32, one process) replays full batches from a CUDA graph; pass the same
     one every epoch. Each of ``hooks`` has its ``before_step`` called before every step with
-    the scheduler's step count (Batch Renorm's schedule sets its limits there).
+    the scheduler's step count (without a scheduler, the steps taken this epoch; Batch
+    Renorm's schedule sets its limits there).
 
     Data-parallel (``model`` a ``DistributedDataParallel``, ``loader`` sharded): each rank's
     loss is weighted by its share of the global batch, so DDP's gradient average is the
@@ -83,11 +84,14 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
     totals = graph.totals if graph is not None else Totals(device)
     totals.reset()
     seen = 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
+    bar = progress_bar(loader, desc=desc, leave=False, disable=not progress, unit="batch")
     for batch, (x, y) in enumerate(bar, 1):
         x, y = x.to(device), y.to(device)
+        # The steps taken so far: the scheduler counts them across epochs; without one,
+        # the steps of this epoch.
+        step = scheduler.last_epoch if scheduler is not None else batch - 1
         for hook in hooks:
-            hook.before_step(scheduler.last_epoch)
+            hook.before_step(step)
         if graph is not None and graph.fits(x):
             graph(x, y, optimizer)
         else:

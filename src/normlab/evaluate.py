@@ -192,18 +192,19 @@ def evaluate_files(paths: list[Path], modes: list[str], device: torch.device,
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """``evaluate_files``' rows as the lines ``normlab evaluate`` prints."""
     width = max(len(r["file"]) for r in rows)
-    lines = [f"{'weights':{width}s}  {'statistics':15s} {'test acc':>9s} {'test loss':>9s}  "
-             f"recorded"]
+    modes = max(len("statistics"), *(len(r["mode"]) for r in rows))  # precise-augmented: 17
+    lines = [f"{'weights':{width}s}  {'statistics':{modes}s} {'test acc':>9s} "
+             f"{'test loss':>9s}  recorded"]
     for r in rows:
         if not r["applies"]:
-            lines.append(f"{r['file']:{width}s}  {r['mode']:15s} {'–':>9s} {'–':>9s}  "
+            lines.append(f"{r['file']:{width}s}  {r['mode']:{modes}s} {'–':>9s} {'–':>9s}  "
                          f"(no batch statistics: as running)")
             continue
         recorded = ""
         if r["recorded_acc"] is not None:
             same = "same" if r["recorded_acc"] == r["test_acc"] else "DIFFERENT"
             recorded = f"{r['recorded_acc']:.2f}% ({same})"
-        lines.append(f"{r['file']:{width}s}  {r['mode']:15s} {r['test_acc']:8.2f}% "
+        lines.append(f"{r['file']:{width}s}  {r['mode']:{modes}s} {r['test_acc']:8.2f}% "
                      f"{r['test_loss']:9.4f}  {recorded}")
     if any(r["mode"] == "batch" and r["applies"] for r in rows):
         lines.append("batch: each test image was normalised with the statistics of its group "

@@ -5,6 +5,7 @@ into it. The runner calls these; they know nothing of what an experiment compute
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,17 @@ def prepare_out(out: Path | None, kind: str, record: str) -> Path:
     return out
 
 
+def remove_unused(out: Path) -> None:
+    """Remove a folder this run made but wrote nothing into (a start refused after the
+    folder was made): its lock and empty checkpoints folder, then the folder if empty.
+    Anything else in it stays."""
+    with contextlib.suppress(OSError):  # anything else in it: it stays
+        (out / ".lock").unlink(missing_ok=True)
+        if (out / "checkpoints").is_dir():
+            (out / "checkpoints").rmdir()
+        out.rmdir()
+
+
 def open_resume(args: argparse.Namespace, record: str) -> dict[str, Any]:
     """Load ``record`` from the run folder ``args.resume`` and put its settings into ``args``.
 
@@ -56,7 +68,25 @@ def open_resume(args: argparse.Namespace, record: str) -> dict[str, Any]:
         raise UsageError(f"{path} is corrupt ({type(exc).__name__}: {exc}); cannot resume "
                          f"from it: start a new run with --out") from None
     apply_config(args, config)
+    # How the runs were spread (--jobs, --threads) decides their rounding, so a resume
+    # keeps it too, unless this command line sets it again (a new --jobs alone shares the
+    # cores out anew, as for a new run).
+    parallel = results.get("parallel", {})
+    if "jobs" in parallel and not given(args, "--jobs"):
+        args.jobs = parallel["jobs"]
+        if "threads_per_process" in parallel and not given(args, "--threads"):
+            args.threads = parallel["threads_per_process"]
     return results
+
+
+def given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether the command line itself set ``flag`` (as ``--flag V``, ``--flag=V`` or an
+    abbreviation argparse accepts), rather than leaving it at its default."""
+    for token in getattr(args, "argv", None) or []:
+        name = token.partition("=")[0]
+        if name.startswith("--") and len(name) > 2 and flag.startswith(name):
+            return True
+    return False
 
 
 def apply_config(args: argparse.Namespace, config: dict[str, Any]) -> None:

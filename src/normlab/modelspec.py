@@ -28,6 +28,7 @@ from torch import nn
 
 from .convert import convert
 from .errors import UsageError
+from .model import count_parameters
 from .normact import standardize_weights
 from .variants import VARIANTS
 
@@ -67,7 +68,14 @@ class ModelSpec:
 
     spec: str
     args: tuple[tuple[str, Any], ...] = ()
-    logits: bool = False  # it returns logits: normlab adds a log_softmax (``check`` finds out)
+    # What it returns (``check`` finds out): "log-probabilities", as normlab's loss (the
+    # NLL) takes them; "logits", to which normlab adds a log_softmax; or "probabilities"
+    # (a model ending in softmax), of which normlab takes the log.
+    outputs: str = "log-probabilities"
+
+    @property
+    def logits(self) -> bool:
+        return self.outputs == "logits"
 
     @classmethod
     def parse(cls, spec: str, model_args: list[str] | dict[str, Any] | None = None
@@ -139,13 +147,13 @@ class ModelSpec:
     def describe(self) -> dict[str, Any]:
         """What the record keeps to rebuild the model and recognise its code."""
         return {"spec": self.spec, "args": dict(self.args), "fingerprint": self.fingerprint,
-                "outputs": "logits" if self.logits else "log-probabilities"}
+                "outputs": self.outputs}
 
     @classmethod
     def from_description(cls, described: dict[str, Any]) -> ModelSpec:
         """The spec that ``describe`` described (a record's or a weights file's)."""
         spec = cls.parse(described["spec"], described.get("args", {}))
-        return cls(spec.spec, spec.args, described.get("outputs") == "logits")
+        return cls(spec.spec, spec.args, described.get("outputs", "log-probabilities"))
 
     @classmethod
     def from_record(cls, described: dict[str, Any], where: str) -> ModelSpec:
@@ -160,16 +168,16 @@ class ModelSpec:
 
     def build(self, in_channels: int, num_classes: int) -> nn.Module:
         """The model as its callable builds it; ``in_channels`` and ``num_classes`` are
-        passed where the callable takes them and ``args`` does not set them."""
+        passed where the callable takes them (under the names of ``CHANNELS`` and
+        ``CLASSES``: torchvision's, timm's, MONAI's) and ``args`` does not set them."""
         target = self.callable()
         kwargs = dict(self.args)
-        try:
-            params = inspect.signature(target).parameters
-        except (TypeError, ValueError):
-            params = {}
-        for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-            if key in params and key not in kwargs:
-                kwargs[key] = value
+        params = _parameters(target)
+        _check_args(self.spec, kwargs, params)
+        for names, value in ((CHANNELS, in_channels), (CLASSES, num_classes)):
+            name = next((n for n in names if n in params), None)
+            if name is not None and not any(n in kwargs for n in names):
+                kwargs[name] = value
         try:
             model = target(**kwargs)
         except Exception as exc:
@@ -194,13 +202,49 @@ class ModelSpec:
                              + "; ".join(str(exc).splitlines())) from None
         if weight_std:
             model = standardize_weights(model)
-        if self.logits:
-            model = nn.Sequential(model, nn.LogSoftmax(1))
+        if self.outputs in _TO_LOG:
+            model = nn.Sequential(model, _TO_LOG[self.outputs]())
         # What rebuilds it from a weights file (checkpoint.save_model / rebuild).
         model.normlab_config = dict(model=self.describe(), norm=norm, num_groups=num_groups,
                                     virtual_batches=virtual_batches, weight_std=weight_std,
                                     in_channels=in_channels, num_classes=num_classes)
         return model
+
+
+# What networks call their input channels and their classes (normlab's and torchvision's,
+# timm's, MONAI's ResNet, other MONAI networks and segmentation libraries).
+CHANNELS = ("in_channels", "in_chans", "n_input_channels", "input_channels")
+CLASSES = ("num_classes", "n_classes")
+
+
+def _parameters(target: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _check_args(spec: str, kwargs: dict[str, Any], params: dict[str, inspect.Parameter]
+                ) -> None:
+    """Refuse a --model-arg the callable has no parameter for, and a value that is not a
+    Python literal where the parameter's default says it takes a number, a flag or a
+    tuple: ``width=abc`` would otherwise reach the model as the string 'abc'."""
+    if not params:
+        return
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for key, value in kwargs.items():
+        param = params.get(key)
+        if param is None:
+            if not takes_any:
+                raise UsageError(f"--model-arg {key}: {spec} has no parameter {key!r}; it "
+                                 f"takes {', '.join(params) or 'none'}")
+            continue
+        default = param.default
+        if isinstance(value, str) and default is not param.empty and default is not None \
+                and not isinstance(default, str):
+            raise UsageError(f"--model-arg {key}={value}: {key} takes a "
+                             f"{type(default).__name__} (its default is {default!r}), and "
+                             f"{value!r} is not one; write it as a Python literal")
 
 
 def from_args(args: Any) -> ModelSpec | None:
@@ -211,7 +255,11 @@ def from_args(args: Any) -> ModelSpec | None:
         return None
     if isinstance(given, dict):  # put back from the record by --resume
         return ModelSpec.from_record(given, str(args.resume))
-    return ModelSpec.parse(given, getattr(args, "model_arg", None))
+    spec = ModelSpec.parse(given, getattr(args, "model_arg", None))
+    if spec.is_file:  # recorded absolute: evaluate and --resume work from any folder
+        where, name = spec._parts
+        spec = ModelSpec(f"{Path(where).expanduser().resolve()}:{name}", spec.args)
+    return spec
 
 
 def model_argv(model: str | dict[str, Any] | None, model_arg: list[str] | None) -> list[str]:
@@ -231,42 +279,98 @@ def variant_layers(variants: Iterable[str]) -> dict[str, tuple[str, bool]]:
     return {v: (VARIANTS[v].norm, VARIANTS[v].weight_std) for v in variants}
 
 
+class ClampedLog(nn.Module):
+    """log(p) of a model's probabilities, clamped above log(0) = -inf: the NLL of a
+    softmax output (a softmax whose log was taken again would train on the wrong loss)."""
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
+_TO_LOG = {"logits": lambda: nn.LogSoftmax(1), "probabilities": ClampedLog}
+
+
+def outputs_of(out: torch.Tensor) -> str:
+    """What a model's outputs are: rows of log-probabilities (their exponentials sum to
+    1), of probabilities (non-negative, summing to 1), else logits."""
+    out = out.detach().float()
+    sums = out.sum(1)
+    if torch.allclose(out.logsumexp(1), torch.zeros_like(sums), atol=1e-3):
+        return "log-probabilities"
+    if bool((out >= 0).all()) and torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+        return "probabilities"
+    return "logits"
+
+
 def check(spec: ModelSpec, variants: dict[str, tuple[str, bool]], num_groups: int,
-          example: torch.Tensor, num_classes: int) -> tuple[ModelSpec, dict[str, int]]:
+          example: torch.Tensor, num_classes: int, fewest: int = 2
+          ) -> tuple[ModelSpec, dict[str, int]]:
     """Build every variant (name -> (norm, weight_std)) and run it on ``example`` (two inputs
-    of the data), raising one UsageError line for what would fail later. Returns the spec,
-    marked as returning logits where its outputs are not log-probabilities (normlab's loss
-    is the NLL, as pytorch/examples' MNIST), and each variant's parameter count."""
-    counts = {}
+    of the data) in training mode, raising one UsageError line for what would fail later;
+    where a batch statistic may see only ``fewest`` = 1 input (a last batch of one), on one
+    input too. Returns the spec with what its outputs are (``outputs_of``: normlab's loss is
+    the NLL of log-probabilities, as pytorch/examples' MNIST), and each variant's count of
+    trainable parameters."""
+    counts, outputs = {}, None
+    bare = ModelSpec(spec.spec, spec.args)  # its outputs as the callable returns them
     for name, (norm, weight_std) in variants.items():
         torch.manual_seed(0)
-        model = spec.variant(norm, num_groups, 1, weight_std, example.shape[1], num_classes)
-        try:
-            with torch.no_grad():
-                out = model.train()(example)
-        except Exception as exc:
-            raise UsageError(f"--model {spec.spec} ({name}): a batch of shape "
-                             f"{tuple(example.shape)} fails in forward ({type(exc).__name__}: "
-                             f"{_first_line(exc)}){_channel_hint(model, example)}") from None
+        model = bare.variant(norm, num_groups, 1, weight_std, example.shape[1], num_classes)
+        out = _forward(bare, name, model, example, "")
         if not isinstance(out, torch.Tensor) or out.shape != (len(example), num_classes):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise UsageError(f"--model {spec.spec}: its output is {shape}, normlab needs "
-                             f"(N, {num_classes}) log-probabilities (end with log_softmax), "
-                             f"one per class of the data")
-        sums = out.float().logsumexp(1)
-        if not spec.logits and not torch.allclose(sums, torch.zeros_like(sums), atol=1e-3):
-            spec = ModelSpec(spec.spec, spec.args, logits=True)
-        counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return spec, counts
+                             f"(N, {num_classes}), one score per class of the data"
+                             f"{_classes_hint(bare, out, num_classes)}")
+        if fewest < 2:
+            _forward(bare, name, model, example[:1], "; the last training batch gives a "
+                     "batch statistic one input: change --limit-train or --batch-size so "
+                     "that it gives none or more")
+        outputs = outputs or outputs_of(out)
+        counts[name] = count_parameters(model)
+    return ModelSpec(spec.spec, spec.args, outputs or spec.outputs), counts
 
 
-def _channel_hint(model: nn.Module, example: torch.Tensor) -> str:
+def _forward(spec: ModelSpec, name: str, model: nn.Module, x: torch.Tensor, fix: str
+             ) -> Any:
+    try:
+        with torch.no_grad():
+            return model.train()(x)
+    except Exception as exc:
+        raise UsageError(f"--model {spec.spec} ({name}): a batch of shape {tuple(x.shape)} "
+                         f"fails in forward ({type(exc).__name__}: {_first_line(exc)})"
+                         f"{_channel_hint(spec, model, x) or fix}") from None
+
+
+def _classes_hint(spec: ModelSpec, out: Any, num_classes: int) -> str:
+    """How to make the model return one score per class: its own argument for it."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return ""
+    given = dict(spec.args)
+    name = next((n for n in CLASSES if n in _parameters(spec.callable())), None)
+    if name is not None:
+        if name in given:
+            return (f": it was built with --model-arg {name}={given[name]!r}, the data has "
+                    f"{num_classes} classes; drop that --model-arg or pass "
+                    f"{name}={num_classes}")
+        return f": pass --model-arg {name}={num_classes}"
+    return (f": the callable takes no {' or '.join(CLASSES)} argument; make it return "
+            f"{num_classes} outputs")
+
+
+def _channel_hint(spec: ModelSpec, model: nn.Module, example: torch.Tensor) -> str:
+    """Where the model's first convolution expects other input channels than the data
+    has: the callable's own argument for them (its name, or that it has none)."""
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if first is not None and first.in_channels != example.shape[1]:
-        return (f"; the model takes {first.in_channels} input channel(s), the data has "
-                f"{example.shape[1]}: give the callable an in_channels argument or pass "
-                f"--model-arg in_channels={example.shape[1]}")
-    return ""
+    have = example.shape[1]
+    if first is None or first.in_channels == have:
+        return ""
+    lead = f"; the model takes {first.in_channels} input channel(s), the data has {have}"
+    name = next((n for n in CHANNELS if n in _parameters(spec.callable())), None)
+    if name is None:
+        return (f"{lead}: the callable takes no {', '.join(CHANNELS)} argument; give it one, "
+                f"or convert the data")
+    return f"{lead}: pass --model-arg {name}={have}"
 
 
 def _sha256(path: Path) -> str:

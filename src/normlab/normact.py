@@ -35,7 +35,17 @@ def _check_2d(layer: nn.Module, x: torch.Tensor) -> None:
                          f"{x.dim()}-D")
 
 
-class FilterResponseNorm2d(nn.Module):
+class _NotScriptable:
+    """TorchScript cannot compile these layers' Python (optional parameters, shapes in
+    f-strings); refuse in one line, before TorchScript's many lines from inside them."""
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(f"torch.jit.script cannot compile normlab's {type(self).__name__}, "
+                           f"which PyTorch has no layer for; use torch.compile(model), or "
+                           f"torch.export.export(model, (example,)) to deploy it")
+
+
+class FilterResponseNorm2d(_NotScriptable, nn.Module):
     """Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan 2020):
 
         ν² = mean over H, W of x²,   y = max(γ · x / √(ν² + ε) + β, τ),
@@ -76,7 +86,7 @@ class FilterResponseNorm2d(nn.Module):
         return torch.maximum(y, _per_channel(self.tau, x)) if self.apply_act else y
 
 
-class EvoNorm2dB0(nn.Module):
+class EvoNorm2dB0(_NotScriptable, nn.Module):
     """EvoNorm-B0 (Liu et al. 2020), a normalization and activation in one layer:
 
         y = x / max(√(var_{N,H,W}(x) + ε), v · x + √(var_{H,W}(x) + ε)) · γ + β,
@@ -166,7 +176,7 @@ class EvoNorm2dB0(nn.Module):
         return torch.addcmul(_per_channel(self.bias, x), x / left, _per_channel(self.weight, x))
 
 
-class EvoNorm2dS0(nn.Module):
+class EvoNorm2dS0(_NotScriptable, nn.Module):
     """EvoNorm-S0 (Liu et al. 2020), a normalization and activation in one layer:
 
         y = x · sigmoid(v · x) / √(var over (C/G, H, W) + ε) · γ + β,
@@ -206,6 +216,29 @@ class EvoNorm2dS0(nn.Module):
         scale = inv.reshape(n, c, 1, 1).to(x.dtype) * _per_channel(self.weight, x)
         gated = x * torch.sigmoid(x * _per_channel(self.v, x)) if self.apply_act else x
         return torch.addcmul(_per_channel(self.bias, x), gated, scale)
+
+
+class NormAct(nn.Module):
+    """A normalization followed by what a norm-activation layer of another library did
+    after normalizing: timm's ``BatchNormAct2d``, ``GroupNormAct`` and their kind apply
+    ``drop`` then ``act`` inside their own ``forward``. ``normlab.convert`` replaces such a
+    layer by ``NormAct(new norm, its drop, its act)``, so converting keeps every activation
+    (the layout of timm's ``create_norm_act``: the norm, then the same drop and activation).
+
+    Examples:
+        >>> layer = NormAct(nn.GroupNorm(2, 4), nn.Identity(), nn.SiLU())
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> torch.equal(layer(x), F.silu(F.group_norm(x, 2, layer.norm.weight,
+        ...                                             layer.norm.bias)))
+        True
+    """
+
+    def __init__(self, norm: nn.Module, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.drop, self.act = norm, drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self.norm(x)))
 
 
 class _WeightStandardized:

@@ -27,11 +27,21 @@ def positive_int(text: str) -> int:
 
 
 def dataset_arg(text: str) -> str:
+    """A data set's name, ``folder:PATH`` or ``npz:PATH``; a bare path to a folder or a
+    ``.npz`` file is taken as such. Paths are made absolute, so the record names the same
+    data from any working directory (``evaluate``, ``--resume``)."""
     kind, sep, where = text.partition(":")
-    if text in NAMED or (sep and kind in ("folder", "npz") and where):
+    if text in NAMED:
         return text
-    raise argparse.ArgumentTypeError(f"expected one of {', '.join(NAMED)}, folder:PATH or "
-                                     f"npz:PATH, got {text!r}")
+    if sep and kind in ("folder", "npz") and where:
+        return f"{kind}:{Path(where).expanduser().resolve()}"
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".npz":
+        return f"npz:{path.resolve()}"
+    if path.is_dir():
+        return f"folder:{path.resolve()}"
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(NAMED)}, folder:PATH, "
+                                     f"npz:PATH, a folder or a .npz file, got {text!r}")
 
 
 def jobs_arg(text: str) -> int | str:
@@ -90,7 +100,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", type=dataset_arg, default="mnist", metavar="DATASET",
                    help=f"{', '.join(NAMED)}; folder:PATH (PATH/train/<class>/*.png|jpg and "
                    f"PATH/test/<class>/*); or npz:PATH (x_train, y_train, x_test, y_test: "
-                   f"signals, images or volumes) (default: mnist)")
+                   f"signals, images or volumes); a bare folder or .npz path is taken as such "
+                   f"(default: mnist)")
     p.add_argument("--data-dir", help="folder with the dataset's files (default: "
                    "$NORMLAB_DATA for mnist, $NORMLAB_FASHION_MNIST_DATA or Debian's "
                    "dataset-fashion-mnist for fashion-mnist, else a per-user cache; missing "

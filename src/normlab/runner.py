@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import distributed, modelspec
+from . import distributed, modelspec, progress
 from .checkpoint import write_json
 from .data import DATASETS, Data
 from .device import resolve_precision, select_device
@@ -45,7 +45,7 @@ from .engine import (
 )
 from .errors import CheckpointError, DataError, UsageError, WorkerDied, error_line
 from .experiments.base import Experiment, Run, Settings
-from .folder import apply_config, open_resume, prepare_out, run_lock
+from .folder import apply_config, given, open_resume, prepare_out, remove_unused, run_lock
 from .model import Net
 from .norms import NORMS
 from .progress import tqdm
@@ -294,6 +294,7 @@ def run_experiment(experiment: Experiment) -> int:
     """
     experiment.check()
     args = experiment.args
+    progress.set_enabled(not args.no_progress)  # also the data's bars (decoding, download)
     ranks = distributed.from_env()
     if modelspec.from_args(args) is None:  # fail fast, before any data is read
         build_models(experiment.variants(), args.num_groups)
@@ -306,9 +307,13 @@ def run_experiment(experiment: Experiment) -> int:
     _check_parallel(args, experiment.variants(), ranks)
     device = _device_for(args, ranks)
     ranks = distributed.start(ranks, device)
+    phases = _Phases(experiment, ranks, device)
     try:
         with ExitStack() as stack:  # holds the output folder's lock until the run ends
-            return _run(experiment, ranks, device, stack)
+            return _run(phases, stack)
+    except BaseException:
+        phases.discard_if_unused()  # a refused start leaves no empty folder behind
+        raise
     finally:
         distributed.close()
 
@@ -329,10 +334,9 @@ def _on_every_rank(ranks: Ranks, step: Callable[[], Any]) -> Any:
     return result
 
 
-def _run(experiment: Experiment, ranks: Ranks, device: torch.device, stack: ExitStack) -> int:
+def _run(phases: _Phases, stack: ExitStack) -> int:
     """The phases of one experiment, in order (as detectron2's ``train_loop`` outlines a
     training): each is a method of ``_Phases`` below."""
-    phases = _Phases(experiment, ranks, device)
     phases.open_folder(stack)  # rank 0: a new output folder or the one to resume, locked
     phases.load_data()  # every rank; checks that the runs can be split as asked
     phases.start_record()  # command, settings, machine, how the runs are parallel
@@ -349,6 +353,8 @@ class _Phases:
         self.args = experiment.args
         self.record: dict[str, Any] | None = None
         self.out = Path(".")
+        self.made = False  # this run made the output folder (rank 0)
+        self.written = False  # the record is on disk (rank 0)
 
     def open_folder(self, stack: ExitStack) -> None:
         args, ranks = self.args, self.ranks
@@ -358,8 +364,10 @@ class _Phases:
                 return None, Path(".")
             record = open_resume(args, self.experiment.record_name) if args.resume else None
             modelspec.from_args(args)  # a resumed --model whose code changed is refused here
+            made = not args.resume and (args.out is None or not args.out.exists())
             out = args.resume or prepare_out(args.out, self.experiment.name,
                                              self.experiment.record_name)
+            self.made, self.out = made, out
             stack.enter_context(run_lock(out))
             return record, out
 
@@ -373,15 +381,26 @@ class _Phases:
                 apply_config(args, self.record["config"])
         args.out = self.out  # named in the message if interrupted
 
+    def discard_if_unused(self) -> None:
+        """Remove the output folder this run made if it stopped before writing its record."""
+        if self.made and not self.written:
+            remove_unused(self.out)
+
     def load_data(self) -> None:
         def load() -> Data:
             data = _load_and_check(self.experiment, self.record, self.ranks)
+            _check_same_data(self.record, data, self.args)
             self.model, self.parameters = None, None
             spec = modelspec.from_args(self.args)
             if spec is not None:  # every variant of the user's model, checked on this data
+                _leave_out_inapplicable(self.experiment, len(data.input_shape) - 1,
+                                        self.ranks.leader)
+                fewest = _fewest_per_statistic(self.experiment.runs(), len(data.train_labels),
+                                               self.ranks.world_size,
+                                               self.args.virtual_batch_size)
                 self.model, self.parameters = modelspec.check(
                     spec, modelspec.variant_layers(self.experiment.variants()),
-                    self.args.num_groups, data.example(), data.num_classes)
+                    self.args.num_groups, data.example(), data.num_classes, fewest)
             return data
 
         self.data = _on_every_rank(self.ranks, load)
@@ -425,6 +444,7 @@ class _Phases:
                 {"parallel": parallel, "runs": [run.key for run in self.todo]})
         if ranks.leader:
             write_json(self.out / self.experiment.record_name, record)
+            self.written = True
             (self.out / "checkpoints").mkdir(exist_ok=True)
             print(self.experiment.announce(data, self.device,
                                            "resuming" if args.resume else "writing to",
@@ -435,7 +455,7 @@ class _Phases:
     def train_unfinished(self) -> None:
         args, ranks, runs = self.args, self.ranks, self.runs
         settings = Settings(self.out, args.epochs, args.l1, args.num_groups, args.precision,
-                            args.virtual_batch_size, not args.no_progress,
+                            args.virtual_batch_size, progress.shown(),
                             self.record["environment"]["git_revision"], args.tensorboard,
                             writes=ranks.leader, world_size=ranks.world_size,
                             model=self.model)
@@ -476,6 +496,60 @@ class _Phases:
             self.experiment.after(self.out, self.record, self.data, self.device)
             self.experiment.render(self.out, self.record)
         return self.experiment.exit_code(self.record)
+
+
+def _check_same_data(record: dict[str, Any] | None, data: Data, args: argparse.Namespace
+                     ) -> None:
+    """A resumed run continues on the data it started with, or not at all: a record of
+    another data set would mix two in one."""
+    recorded = ((record or {}).get("config", {}).get("data") or {}).get("fingerprint")
+    if recorded is not None and recorded != data.fingerprint():
+        raise UsageError(f"{args.resume} was trained on other data: {args.dataset} has "
+                         f"changed since the run started (its fingerprint was "
+                         f"{recorded[:19]}..., now {data.fingerprint()[:19]}...); restore "
+                         f"that data to continue, or start a new run with --out")
+
+
+def _leave_out_inapplicable(experiment: Experiment, dims: int, say: bool) -> None:
+    """Leave out, with one line, the default variants whose norm is not defined for the
+    data's maps (FRN and EvoNorm are 2-D only), so a study runs on 1-D and 3-D networks
+    as it is; variants the user named are refused instead."""
+    args = experiment.args
+    wrong = [v for v in experiment.variants() if dims not in NORMS[VARIANTS[v].norm].dims]
+    if not wrong:
+        return
+    named = [v for v in wrong for flag in _VARIANT_OPTIONS
+             if given(args, flag) and v in (getattr(args, flag[2:], None) or [])]
+    why = f"{', '.join(wrong)}: defined for 2-D maps only, and the data's are {dims}-D"
+    if named or getattr(args, "resume", None):
+        raise UsageError(f"{why}; leave {'them' if len(wrong) > 1 else 'it'} out of "
+                         f"--variants / --references")
+    for flag in _VARIANT_OPTIONS:
+        chosen = getattr(args, flag[2:], None)
+        if isinstance(chosen, list):
+            setattr(args, flag[2:], [v for v in chosen if v not in wrong])
+    if not experiment.variants():
+        raise UsageError(f"{why}, and no other variant is left; choose --variants")
+    if say:
+        print(f"left out {why}")
+
+
+_VARIANT_OPTIONS = ("--variants", "--references")
+
+
+def _fewest_per_statistic(runs: list[Run], train_images: int, world: int,
+                          virtual_batch_size: int | None) -> int:
+    """The fewest inputs any batch statistic of these runs sees in training: a virtual
+    batch, a process's part of a batch, or a part of the last, short batch."""
+    fewest = train_images
+    for run in runs:
+        per_process = run.batch_size // world
+        virtual = run.virtual_batch_size_given(virtual_batch_size) or per_process
+        fewest = min(fewest, virtual)
+        last = train_images % run.batch_size
+        if last:
+            fewest = min(fewest, last // (world * max(1, per_process // virtual)))
+    return fewest
 
 
 def _load_and_check(experiment: Experiment, record: dict[str, Any] | None, ranks: Ranks

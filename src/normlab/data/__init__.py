@@ -17,7 +17,9 @@ and chooses the augmentation (``augment``) by kind. ``Loader`` (``loader``) batc
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ __all__ = ["AUGMENTS", "DATASETS", "ENV_VAR", "FASHION_MNIST", "FIX", "IMAGE_MAG
            "LABEL_MAGIC", "MNIST", "NAMED", "Data", "DataError", "DatasetSpec", "Loader",
            "affine", "crop_flip", "default_augment", "default_data_dir", "download",
            "get_spec", "load_data", "load_file", "load_split", "make_loaders", "parse_idx",
-           "random_affine", "resolve_data_dir", "split_bounds"]
+           "random_affine", "resolve_data_dir", "shown_dataset", "split_bounds"]
 
 NAMED = ("mnist", "fashion-mnist", "cifar10", "cifar100")  # and folder:PATH, npz:PATH
 
@@ -68,6 +70,7 @@ class Data:
     spec: DatasetSpec
     eval_split: str = "test"
     augment: str | None = None
+    source: str | None = None  # the fingerprint of the data set as read (``fingerprint``)
 
     @property
     def grayscale(self) -> bool:
@@ -82,6 +85,11 @@ class Data:
     @property
     def num_classes(self) -> int:
         return len(self.spec.classes)
+
+    @property
+    def inputs(self) -> str:
+        """What its inputs are called: images, signals or volumes."""
+        return f"{self.spec.kind}s"
 
     @property
     def training_augment(self) -> str:
@@ -107,11 +115,45 @@ class Data:
 
     def describe(self) -> dict:
         """What the record keeps of a data set normlab does not ship: its kind, shape,
-        statistics and augmentation."""
+        classes, statistics, augmentation and fingerprint (``--resume`` refuses other
+        data)."""
         return dict(kind=self.spec.kind, input_shape=list(self.input_shape),
                     classes=len(self.spec.classes), mean=_listed(self.spec.mean),
                     std=_listed(self.spec.std),
-                    augment=self.training_augment)
+                    augment=self.training_augment, fingerprint=self.fingerprint(),
+                    **({"class_names": list(self.spec.classes)}
+                       if self.spec.classes != tuple(map(str, range(self.num_classes)))
+                       else {}))
+
+    def fingerprint(self) -> str:
+        """What identifies the data: the fingerprint of the files' decoded splits before
+        any ``holdout`` or ``limit_train`` (``source``), else of the splits held."""
+        return self.source or fingerprint(self.train_images, self.train_labels,
+                                          self.test_images, self.test_labels)
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """SHA-256 of tensors as decoded (values, shapes and types): the same for the same data
+    in any file format or order of files on disk, different when any input or label
+    changed."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)} {tensor.dtype};".encode())
+        digest.update(tensor.contiguous().numpy())  # its buffer: no copy
+    return "sha256:" + digest.hexdigest()
+
+
+def shown_dataset(name: str) -> str:
+    """A data set's name for a line or a title: ``npz:``/``folder:`` paths relative to the
+    working directory where that is shorter (records keep them absolute)."""
+    kind, sep, where = name.partition(":")
+    if not sep or kind not in ("npz", "folder"):
+        return name
+    try:
+        relative = os.path.relpath(where)
+    except ValueError:  # another drive (Windows)
+        return name
+    return f"{kind}:{relative}" if len(relative) < len(where) else name
 
 
 def _listed(value: float | tuple[float, ...]) -> float | list[float]:
@@ -140,9 +182,11 @@ def load_data(data_dir: str | os.PathLike | None = None, dataset: str | DatasetS
         test = None if holdout is not None else \
             load_split("test", data_dir, spec, download_missing)
         fixed_statistics = True  # the published ones
+        source = None  # checked against the published checksums when read
     else:
         spec, splits = _load_other(dataset, data_dir, download_missing)
         (train_x, train_y), test = splits["train"], splits.get("test")
+        source = fingerprint(train_x, train_y, *(test or ()))
         test = None if holdout is not None else test
         fixed_statistics = False
     if holdout is not None:
@@ -153,6 +197,9 @@ def load_data(data_dir: str | os.PathLike | None = None, dataset: str | DatasetS
         test, (train_x, train_y) = (train_x[keep:], train_y[keep:]), (train_x[:keep],
                                                                        train_y[:keep])
     train_x, train_y = train_x[:limit_train], train_y[:limit_train]
+    if not fixed_statistics:  # normlab's own data sets are checked by their checksums
+        check_labels(spec.name, spec.classes, train_y, test[1],
+                     "validation" if holdout is not None else "test")
     if not fixed_statistics:
         grayscale = spec.kind == "image" and train_x.dim() == 3
         mean, std = channel_statistics(train_x, grayscale)
@@ -162,7 +209,8 @@ def load_data(data_dir: str | os.PathLike | None = None, dataset: str | DatasetS
         raise ValueError(f"--augment {augment} is for images; {spec.name} holds "
                          f"{spec.kind}s (use --augment none)")
     return Data(train_x, train_y, test[0], test[1], spec,
-                eval_split="validation" if holdout is not None else "test", augment=augment)
+                eval_split="validation" if holdout is not None else "test", augment=augment,
+                source=source)
 
 
 def _load_other(dataset: str, data_dir: str | os.PathLike | None, download_missing: bool
@@ -185,6 +233,62 @@ def _load_other(dataset: str, data_dir: str | os.PathLike | None, download_missi
     raise DataError(f"unknown dataset {dataset!r}; choose one of: {', '.join(NAMED)}, "
                     f"folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*) or npz:PATH "
                     f"(x_train, y_train, x_test, y_test)")
+
+
+def check_labels(name: str, classes: tuple[str, ...], train: torch.Tensor, test: torch.Tensor,
+                 split: str = "test") -> None:
+    """Refuse, in the user's terms, labels a classifier cannot be trained on as given: an
+    empty split, a single class, a class with no training input (1-based labels, an empty
+    class folder), labels of the evaluated split that training never sees; warn (one line)
+    where the evaluated split lacks some classes (usable: its accuracy is over the others).
+
+    Examples:
+        >>> try:
+        ...     check_labels("npz:d.npz", ("0", "1"), torch.tensor([1, 1]), torch.tensor([1]))
+        ... except DataError as error:
+        ...     print(error)
+        npz:d.npz: every training input is of class 1; a classifier needs at least two classes
+    """
+    if len(train) == 0 or len(test) == 0:
+        empty = "training" if len(train) == 0 else split
+        raise DataError(f"{name}: the {empty} split is empty; give it inputs")
+    seen, evaluated = set(train.tolist()), set(test.tolist())
+    if len(seen) < 2:
+        raise DataError(f"{name}: every training input is of class {_named(classes, seen)}; "
+                        f"a classifier needs at least two classes")
+    unseen = sorted(evaluated - seen)
+    if unseen:
+        raise DataError(f"{name}: the {split} split has labels that no training input has "
+                        f"({_named(classes, unseen)}), which the model could never predict; "
+                        f"give training inputs of those classes, or drop them from the "
+                        f"{split} split")
+    empty = sorted(set(range(len(classes))) - seen)
+    if empty:
+        hint = (" (labels from 1? number classes from 0: subtract 1)" if empty == [0] else
+                "; number the classes 0 .. K-1 without gaps, or remove the empty class "
+                "folders")
+        raise DataError(f"{name}: no training input of class {_named(classes, empty)}, of "
+                        f"{len(classes)} classes{hint}")
+    missing = sorted(seen - evaluated)
+    if missing:
+        warn(f"{name}: the {split} split has no input of class {_named(classes, missing)}; "
+             f"its accuracy is over the others")
+
+
+def _named(classes: tuple[str, ...], labels: Any) -> str:
+    """Class labels as the user knows them: their names where the data names them."""
+    labels = sorted(labels)
+    shown = [classes[k] if k < len(classes) and classes[k] != str(k) else str(k)
+             for k in labels[:5]]
+    names = [f"{n} (label {k})" if n != str(k) else n for n, k in zip(shown, labels, strict=False)]
+    return ", ".join(names) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+
+
+def warn(message: str) -> None:
+    """One line on stderr that the data are usable but not as the user may think (rank 0
+    only under torchrun, where every rank loads the data)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def check_fits(nbytes: int, name: str, available: int | None = None) -> None:

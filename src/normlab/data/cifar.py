@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..progress import shown
 from .idx import DatasetSpec, default_data_dir
 
 FIX = "delete it to download it again, or point --data-dir at a good copy"
@@ -102,7 +103,7 @@ def _download(which: CifarArchive, root: Path) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
         return Path(pooch.retrieve(url, known_hash=f"md5:{which.md5}", fname=which.archive,
-                                   path=root, progressbar=True))
+                                   path=root, progressbar=shown()))
     except PermissionError as exc:
         raise DataError(f"cannot write {root / which.archive} ({exc.strerror}); pass a "
                         f"writable --data-dir") from None

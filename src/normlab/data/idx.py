@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from ..progress import shown
 
 ENV_VAR = "NORMLAB_DATA"
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # 0x00000803 and 0x00000801 in the IDX spec
@@ -178,7 +179,7 @@ def download(spec: DatasetSpec, root: Path, name: str, mirrors: tuple[str, ...] 
             # The archive's own hash is not checked here: mirrors recompress files. The
             # decompressed content is checked against the published MD5 after download.
             path = pooch.retrieve(url, known_hash=None, fname=name + ".gz", path=root,
-                                  progressbar=True)
+                                  progressbar=shown())
             return Path(path)
         except PermissionError as exc:
             raise DataError(f"cannot write {root / (name + '.gz')} ({exc.strerror}); pass "

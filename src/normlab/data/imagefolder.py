@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import DataError
-from ..progress import tqdm
+from ..progress import bar
 from . import check_fits  # the package is loaded before any format module
 from .idx import DatasetSpec, default_data_dir
 
@@ -106,7 +106,7 @@ def _decode(files: list[tuple[Path, int]], split: str) -> tuple[torch.Tensor, to
 
     first = None
     images = []
-    for f, _ in tqdm(files, desc=f"decoding {split} images", unit="image", leave=False):
+    for f, _ in bar(files, desc=f"decoding {split} images", unit="image", leave=False):
         try:
             with Image.open(f) as im:
                 if im.mode in ("I;16", "I", "F"):

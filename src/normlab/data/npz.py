@@ -1,7 +1,9 @@
 """Your own arrays: ``npz:PATH``, a NumPy ``.npz`` file holding ``x_train``, ``y_train``,
 ``x_test`` and ``y_test``. ``x`` is (N, C, L) for signals, (N, C, H, W) for images or
 (N, C, D, H, W) for volumes, uint8 (pixels, scaled to [0, 1]) or floating point (taken as
-it is, in float32); ``y`` holds whole-number class labels 0 .. K-1.
+it is, in float32); ``y`` holds whole-number class labels 0 .. K-1 (integers, or floats
+holding whole numbers, with a warning). An optional ``classes`` array names the classes in
+the reports (``classes[k]`` is label k's name).
 
 Read without pickle (``allow_pickle=False``): a ``.npz`` can hold pickled objects, which
 could run code when loaded; normlab refuses them.
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from . import check_fits  # the package is loaded before any format module
+from . import check_fits, warn  # the package is loaded before any format module
 from .idx import DatasetSpec
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -68,10 +70,9 @@ def load_npz(path: str | Path, splits: tuple[str, ...] = ("train", "test")
             for split in splits:
                 x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
                 out[split] = (_inputs(x, path, split), _labels(y, len(x), path, split))
+            classes = _classes(arrays, path, out)
     except ValueError as exc:  # object arrays: refused, they would need pickle
         raise DataError(f"{path}: {exc}; store plain numeric arrays") from None
-    labels = torch.cat([y for _, y in out.values()])
-    classes = tuple(str(k) for k in range(int(labels.max()) + 1))
     spec = DatasetSpec(name=f"npz:{path}", files={},
                        counts={k: len(v[1]) for k, v in out.items()}, mirrors=(),
                        classes=classes, mean=0.0, std=1.0, kind=KINDS[ndim])
@@ -89,10 +90,37 @@ def _inputs(x: np.ndarray, path: Path, split: str) -> torch.Tensor:
     return x
 
 
+def _classes(arrays: np.lib.npyio.NpzFile, path: Path,
+             out: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[str, ...]:
+    """The class names: the optional ``classes`` array (one name per label), else the
+    labels 0 .. the largest."""
+    top = max((int(y.max()) for _, y in out.values() if len(y)), default=-1)
+    if "classes" not in arrays:
+        return tuple(str(k) for k in range(top + 1))
+    names = arrays["classes"]
+    if names.ndim != 1 or not (names.dtype.kind in "US" or np.issubdtype(names.dtype,
+                                                                          np.integer)):
+        raise DataError(f"{path}: classes is {names.dtype} {names.shape}; expected one name "
+                        f"per class, e.g. np.array(['cat', 'dog'])")
+    if top >= len(names):
+        raise DataError(f"{path}: a label is {top}, but classes names only {len(names)} "
+                        f"classes (labels 0 .. {len(names) - 1})")
+    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist())
+
+
 def _labels(y: np.ndarray, n: int, path: Path, split: str) -> torch.Tensor:
-    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+    if y.shape != (n,) or not (np.issubdtype(y.dtype, np.integer)
+                               or np.issubdtype(y.dtype, np.floating)):
         raise DataError(f"{path}: y_{split} is {y.dtype} {y.shape}; expected {n} whole-number "
                         f"class labels, one per input")
+    if np.issubdtype(y.dtype, np.floating):
+        whole = np.isfinite(y).all() and bool((y == np.round(y)).all())
+        if not whole:
+            raise DataError(f"{path}: y_{split} holds values that are not whole numbers "
+                            f"(e.g. {y[~(y == np.round(y))][0]}); expected class labels "
+                            f"0 .. K-1")
+        warn(f"{path}: y_{split} is {y.dtype}; its values are whole numbers, taken as class "
+             f"labels")
     y = torch.from_numpy(y.astype(np.int64))
     if len(y) and int(y.min()) < 0:
         raise DataError(f"{path}: y_{split} has negative labels; use classes 0 .. K-1")

@@ -94,6 +94,7 @@ class Experiment:
     description = ""  # the subcommand's own --help text
     epoch_lines = False  # print every epoch of every run (and each run as it starts)
     fixed: tuple[str, ...] = ()  # record config keys the experiment sets, not its options
+    more = False  # set by ``after``: the CLI trains another pass into the folder (recommend)
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, save_model
-from ..data import Data, DataError, load_data, make_loaders
+from ..data import Data, DataError, load_data, make_loaders, shown_dataset
 from ..engine import DEFAULTS, Misclassified, misclassified
 from ..model import Net, count_parameters
 from ..options import add_model_options, add_run_options, positive_float, positive_int
@@ -136,7 +136,8 @@ class Compare(Experiment):
         a = self.args
         seeds = f" x {len(a.seeds)} seeds" if len(a.seeds) > 1 else ""
         return (f"normlab compare: {len(a.variants)} variants{seeds} x {a.epochs} epochs on "
-                f"{len(data.train_labels):,} {a.dataset} images, evaluated on the "
+                f"{len(data.train_labels):,} {shown_dataset(a.dataset)} {data.inputs}, "
+                f"evaluated on the "
                 f"{data.eval_split} set, device {device}; {verb} {out}")
 
     def summary(self, result: dict[str, Any]) -> str:

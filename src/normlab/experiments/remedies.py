@@ -26,7 +26,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..checkpoint import atomic_write
-from ..data import Data
+from ..data import Data, shown_dataset
 from ..errors import UsageError
 from ..evaluate import DEFAULT_PRECISE_IMAGES, Trained, evaluate_model
 from ..model import Net
@@ -156,7 +156,8 @@ class Remedies(PerDevice):
                 f"{' '.join(map(str, a.images_per_statistic))} images per statistic"
                 f"{and_references(self.references())} x {len(a.seeds)} seed(s) = "
                 f"{len(self.runs())} runs of {a.epochs} epoch(s), global batch {a.batch_size}, on "
-                f"{len(data.train_labels):,} {a.dataset} images, device {device}; {verb} {out}")
+                f"{len(data.train_labels):,} {shown_dataset(a.dataset)} {data.inputs}, "
+                f"device {device}; {verb} {out}")
 
     def summary(self, result: dict[str, Any]) -> str:
         extra = "".join(f", {mode} {r['test_error']:.2f}%"
@@ -241,7 +242,8 @@ def figure(record: dict[str, Any], path: Path | None = None) -> Figure:
                 "Batch Norm's remedies at test (no retraining)", points=points, styles=styles)
     for ax in (train_ax, test_ax):
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2)
-    fig.suptitle(f"What fixes Batch Norm at few images per statistic ({cfg['dataset']})")
+    fig.suptitle("What fixes Batch Norm at few images per statistic "
+                 f"({shown_dataset(cfg['dataset'])})")
     seeds = cfg["seeds"]
     seeds = (f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
              and len(seeds) > 2 else ", ".join(map(str, seeds)))

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from .. import distributed
 from ..checkpoint import WEIGHTS_SUFFIX, atomic_write, load_model, write_json
-from ..data import Data, make_loaders
+from ..data import Data, make_loaders, shown_dataset
 from ..errors import UsageError, WorkerDied
 from ..modelspec import model_argv
 from ..norms import statistics_seen
@@ -119,7 +119,8 @@ class Statistics(PerDevice):
         return (f"normlab statistics: Batch Norm over {' '.join(map(str, a.images_per_statistic))} "
                 f"images per statistic{and_references(self.references())} x {len(a.seeds)} "
                 f"seed(s) = {total} runs of {a.epochs} epoch(s), global batch {a.batch_size}, "
-                f"on {len(data.train_labels):,} {a.dataset} images, device {device}{two}; "
+                f"on {len(data.train_labels):,} {shown_dataset(a.dataset)} {data.inputs}, "
+                f"device {device}{two}; "
                 f"{verb} {out}")
 
     def after(self, out: Path, record: dict[str, Any], data: Data, device: torch.device
@@ -432,7 +433,8 @@ def figures(results: Mapping[str, Any]) -> tuple[Figure | None, Figure | None]:
                else f"seed {seeds[0]}"))
     errors_figure = plot_statistics(
         bn, {f"{VARIANTS[v].label} ({v})": e for v, e in references.items()}, points,
-        f"Test error vs images per Batch Norm statistic ({cfg['dataset']})", held) if bn else None
+        f"Test error vs images per Batch Norm statistic ({shown_dataset(cfg['dataset'])})",
+        held) if bn else None
     seen = results.get("bn_statistics", {})
     seen_figure = plot_statistics_seen(
         seen["by_images"], f"What Batch Norm normalises with: {seen['layer']}, channel "

@@ -31,7 +31,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..checkpoint import atomic_write
-from ..data import Data, load_data
+from ..data import Data, load_data, shown_dataset
 from ..errors import UsageError
 from ..model import Net
 from ..options import add_model_options, add_run_options, positive_float, positive_int
@@ -187,7 +187,8 @@ class Sweep(Experiment):
         total = len(a.variants) * len(a.batch_sizes) * len(a.seeds)
         return (f"normlab sweep: {len(a.variants)} variants x {len(a.batch_sizes)} batch sizes "
                 f"x {len(a.seeds)} seed(s) = {total} runs of {a.epochs} epoch(s) on "
-                f"{len(data.train_labels):,} {a.dataset} images, device {device}; {verb} {out}")
+                f"{len(data.train_labels):,} {shown_dataset(a.dataset)} {data.inputs}, "
+                f"device {device}; {verb} {out}")
 
     def summary(self, result: dict[str, Any]) -> str:
         return (f"lr {result['lr']:.5f}  {result['steps']:6d} steps  test error "
@@ -201,7 +202,8 @@ class Sweep(Experiment):
         cfg = record["config"]
         seeds = (f"; mean of {len(cfg['seeds'])} seeds, band min–max"
                  if len(cfg["seeds"]) > 1 else "")
-        plot_sweep(errors, f"Test error vs batch size ({cfg['dataset']})", out / "sweep.png",
+        plot_sweep(errors, f"Test error vs batch size ({shown_dataset(cfg['dataset'])})",
+                   out / "sweep.png",
                    note=f"{cfg['epochs']} epoch(s) over {cfg['train_images']:,} images at "
                    f"every batch size; peak lr {cfg['lr']} × batch / 128, one-cycle with "
                    f"warm-up;\nBatch Norm's statistics over the whole batch; eval on "
