@@ -34,9 +34,11 @@ PROTOCOL_EPOCHS = 5
 
 
 def add_protocol_options(p: argparse.ArgumentParser, groups: str = "Group Norm",
-                         epochs_note: str = "") -> None:
-    """The protocol's options: seeds, epochs, the global batch, the learning rate, groups."""
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="SEED")
+                         epochs_note: str = "", seeds: bool = True) -> None:
+    """The protocol's options: seeds (unless the study chooses them), epochs, the global
+    batch, the learning rate, groups."""
+    if seeds:
+        p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="SEED")
     p.add_argument("--epochs", type=positive_int, default=PROTOCOL_EPOCHS,
                    help=f"epochs per run (default: %(default)s{epochs_note})")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
