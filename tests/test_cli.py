@@ -195,7 +195,8 @@ def test_report_redraws_figures_and_report_from_the_record(tiny_mnist, tmp_path,
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text() == report and (out / "curves.png").exists()
     code, line = cli_error(["report", str(tmp_path)], capsys)
-    assert code == 2 and "no metrics.json, sweep.json, statistics.json, remedies.json or recommend.json" in line
+    assert code == 2 and ("no metrics.json, sweep.json, statistics.json, remedies.json or "
+                          "recommend.json") in line
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import normlab
 from conftest import cli_error
 from normlab import runner
 from normlab.cli import main
+from normlab.experiments import decision
 from normlab.experiments import recommend as rec
 from test_datasets import write_npz
 
@@ -172,23 +173,20 @@ def test_a_budget_stops_before_a_look_it_cannot_finish():
     study._after_seeds(record["config"], record)
     assert "needs about 40 min" in record["stopped"] and not study.more
     assert record["config"]["plan"] == {"gn": 3, "ln": 3}
-    text = rec.answer(record["decisions"][0], errors, record["config"], record["stopped"])
+    text = decision.answer(record["decisions"][0], errors, record["config"], record["stopped"])
     assert "Not decided (the look at 5 seeds needs about 40 min" in text
     assert "Lowest error so far" in text
 
 
-def test_the_answer_never_calls_undecided_the_same():
+def test_the_answer_never_calls_undecided_the_same(monkeypatch):
     last = dict(verdicts={"a": "best", "b": "equivalent", "c": "worse", "d": "undecided"},
                 best="a", means={"a": 10.0, "b": 10.1, "c": 12.0, "d": 10.3},
                 intervals={"a": [-0.3, 0.2], "b": [-0.2, 0.4], "c": [1.2, 2.8],
                            "d": [-0.5, 1.1]}, seeds_per_option={"a": 10})
     errors = {o: [m + 0.1 * i for i in range(10)] for o, m in last["means"].items()}
-    original = rec.label
-    try:
-        rec.label = lambda o: {"a": "GN+WS", "b": "LN+WS", "c": "BN", "d": "FRN"}[o]
-        text = rec.answer(last, errors, {"margin": 0.5, "alpha": 0.05}, None)
-    finally:
-        rec.label = original
+    monkeypatch.setattr(decision, "label",
+                        lambda o: {"a": "GN+WS", "b": "LN+WS", "c": "BN", "d": "FRN"}[o])
+    text = decision.answer(last, errors, {"margin": 0.5, "alpha": 0.05}, None)
     assert "LN+WS is shown within 0.5 points of the best" in text
     assert "BN is shown behind the best by at least 1.20 points" in text
     assert "Not decided: FRN" in text
@@ -197,11 +195,17 @@ def test_the_answer_never_calls_undecided_the_same():
 
 
 def test_seeds_needed_follows_the_sample_size_formula():
-    errors = {"best": [10.0] * 4, "o": [10.8, 11.2, 10.9, 11.1]}  # gap 1.0, sd 0.18
-    n = rec.seeds_needed(errors, "o", "best", 0.5, 0.05, 6)
+    """The smallest n that the iterated formula allows, checked against a loop here."""
+    errors = {"best": [10.0] * 4, "o": [10.8, 11.2, 10.9, 11.1]}  # gap 1.0
+    n = decision.seeds_needed(errors, "o", "best", 0.5, 0.05, 6)
     from scipy import stats as sps
-    z = sps.norm.ppf(1 - 0.05 / 30) + sps.norm.ppf(0.8)
-    assert n == max(5, math.ceil((z * np.std([0.8, 1.2, 0.9, 1.1], ddof=1) / 1.0) ** 2))
+    sd = np.std([0.8, 1.2, 0.9, 1.1], ddof=1)
+
+    def enough(n):
+        return n >= ((sps.t.ppf(1 - 0.05 / 30, n - 1) + sps.t.ppf(0.8, n - 1)) * sd) ** 2
+    assert enough(n) and (n == 5 or not enough(n - 1))  # more seeds than the 4 it has
+    wide = {"best": [10.0] * 4, "o": [10.2, 11.8, 10.3, 11.7]}  # the same gap, more spread
+    assert decision.seeds_needed(wide, "o", "best", 0.5, 0.05, 6) > n
 
 
 @pytest.mark.parametrize("text, seconds", [("3h", 10800), ("90m", 5400), ("2h30m", 9000),

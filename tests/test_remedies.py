@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats as sps
@@ -297,3 +298,33 @@ def test_report_beside_another_remedies_study(tmp_path, tiny_mnist, capsys):
     assert "| Group Norm (gn) − Batch Norm (bn) at 2 |" in report
     code, line = cli_error(["report", str(out), "--beside", str(tmp_path)], capsys)
     assert code == 2 and "remedies.json does not exist" in line
+
+
+def test_the_committed_record_is_decided_as_recommend_decides():
+    """The decision at 128 images per statistic in the committed Fashion-MNIST report is
+    stats.decide's over the ten seeds every option has, with seeds 4-10 a second look;
+    every verdict's interval is recomputed here with scipy (Bonferroni's paired t)."""
+    record = json.loads((COMMITTED / "remedies.json").read_text())
+    report = render_report(record)
+    section = report.split("## Decided at 128 images per statistic")[1].split("\n## ")[0]
+    lines = errors_by_size(record)
+    options = {o: by[128] for o, by in lines.items() if 128 in by and (
+        " " not in o or o in ("bn precise", "bn batch"))}
+    options.update(reference_errors(record))
+    k, seeds = len(options), range(1, 11)
+    level = 0.05 - 0.05 * (3 / 10) ** 2  # the second look's share of alpha
+    c = sps.t.ppf(1 - level / (k * (k - 1)), 9)
+    for o, errors in options.items():
+        bounds = []
+        for other, theirs in options.items():
+            if other != o:
+                d = np.array([errors[s] - theirs[s] for s in seeds])
+                half = c * d.std(ddof=1) / np.sqrt(10)
+                bounds.append((d.mean() - half, d.mean() + half))
+        low, high = max(b[0] for b in bounds), max(b[1] for b in bounds)
+        row = next(r for r in section.splitlines() if f"(`{o}`)" in r)
+        assert f"{low:+.2f} to {high:+.2f}" in row, (o, row)
+        verdict = "equivalent" if high <= 0.5 else "worse" if low > 0 else None
+        if verdict and "| best |" not in row:
+            assert f"| {verdict} |" in row, (o, row)
+    assert "never a claim that options are the same" in section

@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
-from scipy import stats as sps
 
 from .. import distributed, modelspec
 from ..checkpoint import atomic_write, write_json
@@ -39,15 +37,22 @@ from ..folder import given
 from ..model import Net
 from ..norms import NORMS
 from ..options import add_run_options, non_negative_float, positive_float, positive_int
-from ..plots import DPI
 from ..report import protocol, provenance_lines
-from ..stats import Decision, decide, look_levels, still_open
+from ..stats import Decision, decide, still_open
 from ..variants import VARIANTS
 from .base import Run, Settings
+from .decision import (
+    INFERENCE,
+    answer,
+    decision_record,
+    decision_table,
+    figure,
+    label,
+    promise_lines,
+)
 from .perdevice import PerDevice, add_protocol_options
 from .remedies import REFERENCES, SWEPT
 
-INFERENCE = {"precise": "PreciseBN", "batch": "batch statistics at test"}
 LOOKS = (3, 5, 8)  # planned looks below --max-seeds, which is the last
 MAX_GRID_EXTENSIONS = 2  # a learning rate chosen at the grid's edge extends it, this often
 
@@ -89,9 +94,6 @@ def options_of(record: dict[str, Any]) -> dict[str, dict[int, float]]:
     return {o: dict(sorted(table[o].items())) for o in order if o in table}
 
 
-def label(option: str) -> str:
-    variant, _, mode = option.partition(" ")
-    return f"{VARIANTS[variant].label}" + (f" + {INFERENCE[mode]}" if mode else "")
 
 
 class Recommend(PerDevice):
@@ -411,11 +413,23 @@ class Recommend(PerDevice):
     def render(out: Path, record: dict[str, Any]) -> None:
         """report.md and recommend.png from recommend.json alone."""
         if record.get("decisions"):
-            figure(record, out / "recommend.png")
+            cfg, last = record["config"], record["decisions"][-1]
+            figure(last, cfg["margin"], f"At {cfg['images_per_statistic'][0]} images per "
+                   f"statistic, {last['seeds']} seeds: {network(cfg)}",
+                   out / "recommend.png")
         report = render_report(record)
         atomic_write(out / "report.md", report)
         print(report.split("\n\n")[1] if record.get("decisions") else "")
         print(f"\nreport: {out / 'report.md'}")
+
+
+def network(cfg: dict[str, Any]) -> str:
+    """The network and data a record measured, in a few words (figure titles)."""
+    model = cfg.get("model")
+    name = model["spec"].rpartition(":")[2] if model else "normlab's CNN"
+    args = ", ".join(f"{k}={v}" for k, v in (model or {}).get("args", {}).items())
+    return f"{name}({args}) on {shown_dataset(cfg['dataset'])}" if model else \
+        f"{name} on {shown_dataset(cfg['dataset'])}"
 
 
 def _other_record(folder: Path) -> dict[str, Any]:
@@ -436,34 +450,8 @@ def run_seconds(record: dict[str, Any], variant: str) -> float:
     return sum(times) / len(times) if times else 0.0
 
 
-def decision_record(decision: Decision, seeds: int) -> dict[str, Any]:
-    """A look's decision as the record keeps it."""
-    return dict(seeds=seeds, verdicts=decision.verdicts, best=decision.best,
-                intervals={o: list(i) for o, i in decision.intervals.items()},
-                means=decision.means, seeds_per_option=decision.seeds,
-                signs={o: list(s) for o, s in decision.signs.items()},
-                normality=decision.normality, family=decision.family,
-                level=look_levels(decision.alpha, decision.looks or [seeds])[seeds]
-                if decision.looks and seeds in decision.looks else decision.alpha)
 
 
-def seeds_needed(errors: dict[str, list[float]], option: str, best: str, margin: float,
-                 alpha: float, k: int, power: float = 0.8) -> int | None:
-    """About how many seeds would decide ``option`` against ``best`` (a paired comparison
-    at the Bonferroni level over the k(k-1) one-sided tails, with ``power``): n ≈ ((z_a +
-    z_b) σ / Δ)², Δ the gap to 0 (to show it behind) or to the margin (to show it within);
-    None when neither can be shown (no gap, no spread to go by)."""
-    m = min(len(errors[option]), len(errors[best]))
-    if m < 2:
-        return None
-    d = [errors[option][i] - errors[best][i] for i in range(m)]
-    mean = sum(d) / m
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (m - 1))
-    z = sps.norm.ppf(1 - alpha / (k * (k - 1))) + sps.norm.ppf(power)
-    gaps = [g for g in (mean, margin - mean) if g > 0]
-    if not gaps or sd == 0:
-        return None
-    return max(m + 1, math.ceil((z * sd / max(gaps)) ** 2))
 
 
 def render_report(record: dict[str, Any]) -> str:
@@ -477,23 +465,10 @@ def render_report(record: dict[str, Any]) -> str:
     last = record["decisions"][-1]
     errors = {o: list(e.values()) for o, e in options_of(record).items()}
     lines += [answer(last, errors, cfg, record.get("stopped")), ""]
-    lines += decision_table(record, last, errors)
-    lines += [
-        "", "## What the verdicts promise", "",
-        f"- **Rule**, fixed in code before any data (`normlab.stats.decide`): multiple "
-        f"comparisons with the best (Hsu 1984) from simultaneous paired intervals; family: "
-        f"{last['family']}.",
-        f"- **Guarantee**: the chance of any false claim -- \"behind\" for an option truly "
-        f"among the best, \"within {cfg['margin']}\" for one truly more than "
-        f"{cfg['margin']} points behind -- is at most {cfg['alpha']}, over every look "
-        f"(checked by simulation in the tests, with heavy-tailed noise and outlier seeds).",
-        "- **Not decided** means not shown either way: it is never a claim that options are "
-        "the same.",
-    ]
-    if last["normality"]:
-        lines.append("- With fewer than 6 seeds, a verdict rests on the seed-to-seed "
-                     "differences being roughly normal: no distribution-free test can decide "
-                     "with so few.")
+    lines += ["## The decision", ""]
+    lines += decision_table(last, errors, cfg["alpha"], record["runs"], ips)
+    lines += ["", "## What the verdicts promise", ""]
+    lines += promise_lines(last, cfg["margin"], cfg["alpha"])
     lines += ["", "## Looks", "", "| seeds | error spent | decided there |",
               "| ---: | ---: | --- |"]
     seen: set[str] = set()
@@ -514,112 +489,5 @@ def render_report(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def answer(last: dict[str, Any], errors: dict[str, list[float]], cfg: dict[str, Any],
-           stopped: str | None) -> str:
-    """The decision in a user's words: what to use, what is as good, what is behind."""
-    verdicts, best = last["verdicts"], last["best"]
-    means, margin = last["means"], cfg["margin"]
-
-    def named(verdict: str) -> list[str]:
-        return sorted((o for o, v in verdicts.items() if v == verdict), key=means.__getitem__)
-
-    open_ = named("undecided")
-    lead = (f"**Lowest error so far: {label(best)}**" if open_ else f"**Use {label(best)}**")
-    text = [f"{lead} ({means[best]:.2f} % test error, mean of "
-            f"{last['seeds_per_option'][best]} seeds)" + ("; it is not yet shown ahead of "
-                                                           "the options not decided below."
-                                                           if open_ else ".")]
-    same = named("equivalent")
-    if same:
-        text.append(f"{_join(same)} {'is' if len(same) == 1 else 'are'} shown within "
-                    f"{margin} points of the best.")
-    for o in named("worse"):
-        text.append(f"{label(o)} is shown behind the best by at least "
-                    f"{last['intervals'][o][0]:.2f} points.")
-    if open_:
-        k = len(verdicts)
-        need = {o: seeds_needed(errors, o, best, margin, cfg["alpha"], k) for o in open_}
-        said = ", ".join(f"{label(o)} (about {need[o]} seeds in all)" if need[o] else label(o)
-                         for o in open_)
-        why = f" ({stopped})" if stopped else ""
-        text.append(f"Not decided{why}: {said}.")
-    if "bn precise" in verdicts:
-        keep = {v: named(v) for v in ("worse", "equivalent")}
-        if "bn precise" in keep["equivalent"] or best == "bn precise":
-            text.append("**No retraining needed**: Batch Norm trained as it is, with PreciseBN "
-                        "statistics, is among the best.")
-        elif "bn precise" in keep["worse"]:
-            text.append("**Retrain**: Batch Norm as it is, even with PreciseBN statistics, is "
-                        "shown behind the best.")
-        else:
-            text.append("Whether Batch Norm as trained, with PreciseBN statistics (no "
-                        "retraining), is among the best is not decided.")
-    return " ".join(text)
 
 
-def _join(options: list[str]) -> str:
-    names = [label(o) for o in options]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
-def decision_table(record: dict[str, Any], last: dict[str, Any],
-                   errors: dict[str, list[float]]) -> list[str]:
-    """Every option's numbers, interval and verdict."""
-    lines = ["## The decision", "",
-             f"θ = an option's mean test error minus the best other option's (negative: it is "
-             f"the best); its interval is simultaneous over all options at level "
-             f"{1 - record['config']['alpha']:.2f} across every look.", "",
-             "| option | seeds | test error (%) | θ interval (points) | verdict | seeds worse "
-             "than the best | time per step (test included) |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
-    for o in sorted(last["verdicts"], key=last["means"].__getitem__):
-        low, high = last["intervals"][o]
-        signs = last["signs"].get(o)
-        variant = o.partition(" ")[0]
-        lines.append(f"| {label(o)} (`{o}`) | {len(errors[o])} | {last['means'][o]:.2f} | "
-                     f"{_bound(low)} to {_bound(high)} | {last['verdicts'][o]} | "
-                     f"{f'{signs[0]} of {signs[1]}' if signs else '--'} | "
-                     f"{_step_ms(record, variant)} |")
-    return lines
-
-
-def _bound(x: float) -> str:
-    return "−∞" if x == -math.inf else "∞" if x == math.inf else f"{x:+.2f}"
-
-
-def _step_ms(record: dict[str, Any], variant: str) -> str:
-    runs = [r for k, r in record["runs"].items() if r.get("variant") == variant
-            and not k.startswith("tune/") and "failed" not in r and r.get("steps")]
-    if not runs:
-        return "--"
-    return f"{1000 * sum(r['wall_time_s'] / r['steps'] for r in runs) / len(runs):.1f} ms"
-
-
-def figure(record: dict[str, Any], path: Path) -> Figure:
-    """Each option's interval for θ, with 0 (the best) and the margin marked."""
-    last = record["decisions"][-1]
-    cfg = record["config"]
-    options = sorted(last["verdicts"], key=last["means"].__getitem__, reverse=True)
-    colours = {"best": "C2", "equivalent": "C0", "worse": "C3", "undecided": "0.5"}
-    fig = Figure(figsize=(6.9, 0.45 * len(options) + 1.6), layout="constrained")
-    ax = fig.subplots()
-    finite = [x for o in options for x in last["intervals"][o] if math.isfinite(x)]
-    span = (min(finite + [0]) - 0.5, max(finite + [cfg["margin"]]) + 0.5)
-    for y, o in enumerate(options):
-        low, high = (max(x, span[0]) if x == -math.inf else min(x, span[1])
-                     for x in last["intervals"][o])
-        colour = colours[last["verdicts"][o]]
-        ax.plot([low, high], [y, y], color=colour, linewidth=3)
-        ax.plot([last["means"][o] - min(m for p, m in last["means"].items() if p != o)],
-                [y], "o", color=colour)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.axvline(cfg["margin"], color="black", linewidth=0.8, linestyle="--",
-               label=f"margin {cfg['margin']}")
-    ax.set_yticks(range(len(options)), [f"{label(o)} ({last['verdicts'][o]})" for o in options])
-    ax.set_xlim(*span)
-    ax.set_xlabel("θ: test error minus the best other option's (points)")
-    ax.set_title(f"At {cfg['images_per_statistic'][0]} images per statistic, "
-                 f"{last['seeds']} seeds", fontsize=11)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=DPI)
-    return fig

@@ -42,9 +42,10 @@ from ..report import (
     provenance_lines,
     time_line,
 )
-from ..stats import paired_difference
+from ..stats import decide, paired_difference
 from ..variants import VARIANTS
 from .base import Run, Settings
+from .decision import answer, decision_record, decision_table, promise_lines
 from .perdevice import PerDevice, add_protocol_options
 from .ranking import (
     MIN_RANKING_SEEDS,
@@ -62,6 +63,7 @@ SWEPT = ("bn", "brn", "evob0")  # depend on the batch: trained at every size
 REFERENCES = ("gn", "gn+ws", "ln", "ln+ws", "frn", "evos0")  # do not: once per seed
 SIZES = (2, 4, 8, 32, 128)
 INFERENCE = ("precise", "precise-grouped", "batch")  # no retraining (normlab.evaluate)
+DECIDED = ("precise", "batch")  # the inference remedies a decision sets beside the others
 # Also recorded for every batch-dependent run since the ten-seed extension (seeds 1-3 of the
 # committed records predate it): PreciseBN over augmented training batches, as fvcore does it.
 RECORDED = (*INFERENCE, "precise-augmented")
@@ -323,6 +325,7 @@ def render_report(record: dict[str, Any], beside: dict[str, Any] | None = None) 
                     + " | ".join(_cell(list(e.values()), counts[b]) for b in sizes) + " |")
     text += failed_lines(_at_recipe(record))
     text += ["", "![test error vs images per statistic](remedies.png)", ""]
+    text += decided_lines(record, lines_by, references, sizes)
     text += difference_lines(lines_by, references, sizes, _label)
     text += ranking_lines(lines_by, references, sizes, _label)
     text += _recovered_lines(lines_by, references, sizes)
@@ -352,6 +355,42 @@ def render_report(record: dict[str, Any], beside: dict[str, Any] | None = None) 
         "",
     ]
     return "\n".join(text)
+
+
+# The margin these reports decide equivalence with, in points of test error: declared
+# before any decision was rendered, as normlab recommend's default.
+REPORT_MARGIN = 0.5
+REPORT_ALPHA = 0.05
+
+
+def decided_lines(record: dict[str, Any], lines_by: dict[str, dict[int, dict[int, float]]],
+                  references: dict[str, dict[int, float]], sizes: list[int]) -> list[str]:
+    """At each size with 3 or more seeds, every option (the batch-dependent variants at that
+    size, Batch Norm's PreciseBN and batch statistics at test, the batch-independent
+    layers) decided by ``stats.decide``, as ``normlab recommend`` decides, on the seeds
+    every option has. Seeds added to a record after its first seeds were seen count as a
+    second look: the rule spends its error over looks at 3 and at all seeds."""
+    text = []
+    for b in sizes:
+        options = {line: by[b] for line, by in lines_by.items() if b in by
+                   and (" " not in line or line in (f"bn {m}" for m in DECIDED))}
+        options.update(references)
+        common = sorted(set.intersection(*(set(e) for e in options.values())))
+        if len(common) < 3:
+            continue
+        errors = {o: [e[s] for s in common] for o, e in options.items()}
+        looks = (3, len(common)) if record.get("extensions") and len(common) > 3 else None
+        decision = decide(errors, margin=REPORT_MARGIN, alpha=REPORT_ALPHA, looks=looks)
+        last = decision_record(decision, len(common))
+        spent = (f" Seeds 4-{len(common)} were added after seeds 1-3 had been seen, so this "
+                 f"is the second of two looks (3 and {len(common)} seeds)." if looks else "")
+        text += [f"## Decided at {b} images per statistic (seeds "
+                 f"{', '.join(map(str, common))}, margin {REPORT_MARGIN} points)", "",
+                 answer(last, errors, {"margin": REPORT_MARGIN, "alpha": REPORT_ALPHA},
+                        None) + spent, "",
+                 *decision_table(last, errors, REPORT_ALPHA, record["runs"], b), "",
+                 *promise_lines(last, REPORT_MARGIN, REPORT_ALPHA), ""]
+    return text
 
 
 def _cell(values: list[float], seeds: int) -> str:
