@@ -278,8 +278,8 @@ def test_transfer_lines_check_one_networks_verdicts_on_another():
             assert (cell.startswith("**") == (adjusted < 0.05)), (row, adjusted)
             assert f"p {adjusted:.3f}" in cell or adjusted < 0.001
     verdicts = {row.split(" | ")[0][2:]: row.split(" | ")[3].rstrip(" |") for row in rows}
-    assert verdicts["bn at 2 − bn at 128"] == "holds"
-    assert verdicts["frn − bn at 128"] == "**reversed**"  # +2 on the CNN, -1 on the ResNet
+    assert verdicts["bn at 2 − bn at 128"] == "shown on both"
+    assert verdicts["frn − bn at 128"] == "**opposite**"  # +2 on the CNN, -1 on the ResNet
 
 
 def test_report_beside_another_remedies_study(tmp_path, tiny_mnist, capsys):
@@ -294,7 +294,7 @@ def test_report_beside_another_remedies_study(tmp_path, tiny_mnist, capsys):
     record = json.loads((out / "remedies.json").read_text())
     assert record["beside"] == {"folder": "../b"}
     report = (out / "report.md").read_text()
-    assert "## Beside normlab's small CNN: which verdicts hold on normlab's small CNN" in report
+    assert "## Beside normlab's small CNN: which differences are shown on normlab's small CNN too" in report
     assert "| Group Norm (gn) − Batch Norm (bn) at 2 |" in report
     code, line = cli_error(["report", str(out), "--beside", str(tmp_path)], capsys)
     assert code == 2 and "remedies.json does not exist" in line

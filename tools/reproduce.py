@@ -73,20 +73,32 @@ def command(name: str) -> list[str]:
     return [*args, *extra, "--threads", "1", "--no-progress"]
 
 
-def numbers(value: Any, key: str = "") -> list[float]:
-    """Every number a record keeps of its runs, in order, but times (which vary)."""
+def numbers(value: Any, path: str = "") -> dict[str, float]:
+    """Every number a record keeps of its runs, by its path in the record, but times
+    (which vary)."""
+    key = path.rpartition("/")[2]
     if "time" in key or key in ("started", "finished"):
-        return []
+        return {}
     if isinstance(value, dict):
-        return [x for k, v in value.items() for x in numbers(v, k)]
+        return {p: x for k, v in value.items() for p, x in numbers(v, f"{path}/{k}").items()}
     if isinstance(value, list):
-        return [x for v in value for x in numbers(v, key)]
+        return {p: x for i, v in enumerate(value)
+                for p, x in numbers(v, f"{path}[{i}]").items()}
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return []
-    return [float(value)]
+        return {}
+    return {path: float(value)}
 
 
-def run_check(name: str, revision: str, work: Path) -> list[float]:
+def compare(theirs: dict[str, float], mine: dict[str, float]) -> tuple[bool, int, int]:
+    """(identical, numbers both records keep, numbers only the newer one keeps: a field
+    added since, such as another inference remedy)."""
+    both = theirs.keys() & mine.keys()
+    same = bool(both) and theirs.keys() <= mine.keys() and \
+        all(theirs[k] == mine[k] for k in both)
+    return same, len(both), len(mine.keys() - theirs.keys())
+
+
+def run_check(name: str, revision: str, work: Path) -> dict[str, float]:
     """Check out ``revision`` (once) and run the check there; the numbers of its runs."""
     tree = work / revision
     if not tree.exists():
@@ -127,18 +139,18 @@ def main() -> int:
         for tree in {rev for _, rev in tasks}:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(work / tree)], capture_output=True)
-    same = {}
+    same, counts = {}, {}
     for name in args.only:
         base = CHECKS[name][0]
-        mine = results[(name, head)]
-        same[name] = results[(name, base)] == mine
-        print(f"{name}: {len(mine)} numbers at {base} and {head}: "
-              f"{'identical' if same[name] else 'DIFFERENT'}")
+        same[name], counts[name], added = compare(results[(name, base)], results[(name, head)])
+        print(f"{name}: {counts[name]} numbers at {base} and {head}: "
+              f"{'identical' if same[name] else 'DIFFERENT'}"
+              + (f" ({added} more kept at {head} only)" if added else ""))
     if args.write:  # a folder is marked only where every check of it was identical
         for path in {p for n in args.only for p in CHECKS[n][2]}:
             names = [n for n in args.only if path in CHECKS[n][2]]
             if all(same[n] for n in names):
-                record(path, [(n, len(results[(n, head)])) for n in names], head)
+                record(path, [(n, counts[n]) for n in names], head)
     return 0 if all(same.values()) else 1
 
 

@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     result = table(args.replicates, args.seed)
     print(markdown(result))
     if args.out is not None:
+        import torch
+
         from .checkpoint import write_json
         from .provenance import environment
 
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             argv if argv is not None else sys.argv[1:]), "replicates": args.replicates,
             "seed": args.seed, "alpha": 0.05, "margin": MARGIN, "gaps": {
                 "null": NULL, "mixed": MIXED}, "spread": SPREAD, "shared": SHARED,
-            "looks": LOOKS, **result, "environment": environment("cpu")})
+            "looks": LOOKS, **result, "environment": environment(torch.device("cpu"))})
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..stats import Interval, bootstrap_share, holm, paired_difference, paired_p_value
+from ..stats import Interval, fieller_share, holm, paired_difference, paired_p_value
 
 Lines = dict[str, dict[int, dict[int, float]]]  # line -> images per statistic -> seed -> error
 Errors = dict[int, float]  # seed -> test error
@@ -61,7 +61,14 @@ def _p(p: float) -> str:
 def family_note(m: int) -> str:
     return (f"p: paired t-test, Holm-adjusted over this table's {m} comparisons; **bold**: "
             f"significant at 5 % after that correction. The interval is the plain 95 % "
-            f"paired-t interval of the difference (points).")
+            f"paired-t interval of the difference (points). Exploratory: the tables were "
+            f"chosen after the data were seen; the decisions above carry the guarantee.")
+
+
+def defined(results: Sequence[tuple[Interval | None, float]]) -> int:
+    """The comparisons a table's family counts: those with a p-value (two seeds or more,
+    and some spread)."""
+    return sum(not math.isnan(p) for _, p in results)
 
 
 def _size_table(heading: str, intro: str, corner: str, rows: dict[str, list[Pair]],
@@ -69,7 +76,7 @@ def _size_table(heading: str, intro: str, corner: str, rows: dict[str, list[Pair
     """A table of paired differences, a row per line and a column per size, the whole
     table one family."""
     results = corrected([pair for pairs in rows.values() for pair in pairs])
-    m = sum(d is not None for d, _ in results)
+    m = defined(results)
     text = [heading, "", intro + " " + family_note(m), "",
             f"| {corner} | " + " | ".join(f"{b} per statistic" for b in sizes) + " |",
             "| --- |" + " ---: |" * len(sizes)]
@@ -110,8 +117,8 @@ def ranking_lines(lines: Lines, references: dict[str, Errors], sizes: list[int],
             f"## Ranking at {b} images per statistic",
             "",
             f"Every option at {b} images per statistic, by mean test error, each against the "
-            f"lowest ({label(best)}), paired by seed. " + family_note(len(results))
-            + " Plain rows are not shown worse than the first: tied for first.",
+            f"lowest ({label(best)}), paired by seed. " + family_note(defined(results))
+            + " Plain rows are not shown worse than the first (not shown: never the same).",
             "",
             "| rank | option | seeds | test error % | − the first |",
             "| ---: | --- | ---: | ---: | ---: |",
@@ -169,7 +176,7 @@ def claim_lines(lines: Lines, references: dict[str, Errors], label: Label) -> li
     results = corrected([(e(a, sa), e(b, sb)) for a, sa, b, sb in found])
     text = ["## The comparisons the papers make", "",
             "Each row: the first minus the second, test error in points, over the seeds both "
-            "have; negative: the first is better. " + family_note(len(found)), "",
+            "have; negative: the first is better. " + family_note(defined(results)), "",
             "| comparison | seeds | difference |", "| --- | ---: | ---: |"]
     for (a, sa, b, sb), (d, p) in zip(found, results, strict=True):
         text.append(f"| {name(a, sa)} − {name(b, sb)} | {d.n} | {difference_cell(d, p)} |")
@@ -177,14 +184,17 @@ def claim_lines(lines: Lines, references: dict[str, Errors], label: Label) -> li
 
 
 def share_cells(bn: dict[int, Errors], small: int, large: int, errors: Errors) -> str:
-    """"71% (52 to 95%)": the share of Batch Norm's loss won back with its paired bootstrap
-    interval, or the share alone where fewer than five seeds have all three values."""
-    share, low, high = bootstrap_share(bn[small], bn[large], errors)
+    """"71% (52 to 95%)": the share of Batch Norm's loss won back with its Fieller interval
+    (a percentile bootstrap over 5-10 seeds under-covers: ``normlab.simulate``), or the
+    share alone where fewer than five seeds have all three values."""
+    share, low, high = fieller_share(bn[small], bn[large], errors)
     if math.isnan(share):
         return "–"
     seeds = len(bn[small].keys() & bn[large].keys() & errors.keys())
     if seeds < MIN_RANKING_SEEDS:
         return f"{100 * share:.0f}%"
+    if math.isinf(low):
+        return f"{100 * share:.0f}% (unbounded: the loss itself is not significant)"
     return f"{100 * share:.0f}% ({100 * low:.0f} to {100 * high:.0f}%)"
 
 
@@ -285,7 +295,8 @@ def transfer_lines(mine: tuple[Lines, dict[str, Errors]], other: tuple[Lines, di
                    names: tuple[str, str], label: Label) -> list[str]:
     """The other network's verdicts checked on this one: each comparison of ``_TRANSFER``
     that both records can make, tested on each record over its own seeds, each record's
-    comparisons one Holm family; a verdict holds where both are significant the same way."""
+    comparisons one Holm family; a difference is shown on both where both are significant
+    the same way."""
     def e(record: tuple[Lines, dict[str, Errors]], line: str, size: int) -> Errors:
         return errors_at(*record, line, size)
 
@@ -300,14 +311,14 @@ def transfer_lines(mine: tuple[Lines, dict[str, Errors]], other: tuple[Lines, di
     ours, theirs = ([results for results in corrected([(e(r, a, sa), e(r, b, sb))
                                                        for a, sa, b, sb in rows])]
                     for r in (mine, other))
-    text = [f"## Beside {names[1]}: which verdicts hold on {names[0]}", "",
+    text = [f"## Beside {names[1]}: which differences are shown on {names[0]} too", "",
             f"Each row: the first minus the second, test error in points, paired by seed, on "
             f"each network over its own seeds; negative: the first is better. Each network's "
             f"{len(rows)} comparisons are one family, Holm-adjusted; **bold**: significant at "
-            f"5 % after that correction. *holds*: significant on both, the same way; "
-            f"*reversed*: significant on both, opposite ways; *not shown here*: significant "
-            f"on {names[1]} only (with fewer seeds here, it may still hold); *new here*: on "
-            f"{names[0]} only.", "",
+            f"5 % after that correction. *shown on both*: significant on both, the same way; "
+            f"*opposite*: significant on both, opposite ways; *not shown here*: significant "
+            f"on {names[1]} only (not shown is not absent: fewer seeds here); *new here*: on "
+            f"{names[0]} only. Exploratory: the families were chosen after the data.", "",
             f"| comparison | {names[1]} | {names[0]} | verdict |", "| --- | ---: | ---: | --- |"]
     for (a, sa, b, sb), (d1, p1), (d2, p2) in zip(rows, ours, theirs, strict=True):
         text.append(f"| {name(a, sa)} − {name(b, sb)} | {difference_cell(d2, p2)} "
@@ -319,5 +330,5 @@ def transfer_lines(mine: tuple[Lines, dict[str, Errors]], other: tuple[Lines, di
 def _verdict(mine: Interval, p_mine: float, other: Interval, p_other: float) -> str:
     here, there = p_mine < ALPHA, p_other < ALPHA
     if here and there:
-        return "holds" if (mine.mean > 0) == (other.mean > 0) else "**reversed**"
+        return "shown on both" if (mine.mean > 0) == (other.mean > 0) else "**opposite**"
     return "not shown here" if there else "new here" if here else "shown on neither"

@@ -325,7 +325,7 @@ def render_report(record: dict[str, Any], beside: dict[str, Any] | None = None) 
                     + " | ".join(_cell(list(e.values()), counts[b]) for b in sizes) + " |")
     text += failed_lines(_at_recipe(record))
     text += ["", "![test error vs images per statistic](remedies.png)", ""]
-    text += decided_lines(record, lines_by, references, sizes)
+    text += decided_lines(record)
     text += difference_lines(lines_by, references, sizes, _label)
     text += ranking_lines(lines_by, references, sizes, _label)
     text += _recovered_lines(lines_by, references, sizes)
@@ -363,15 +363,16 @@ REPORT_MARGIN = 0.5
 REPORT_ALPHA = 0.05
 
 
-def decided_lines(record: dict[str, Any], lines_by: dict[str, dict[int, dict[int, float]]],
-                  references: dict[str, dict[int, float]], sizes: list[int]) -> list[str]:
+def decisions(record: dict[str, Any]) -> dict[int, tuple[dict[str, Any], dict[str, list[float]]]]:
     """At each size with 3 or more seeds, every option (the batch-dependent variants at that
-    size, Batch Norm's PreciseBN and batch statistics at test, the batch-independent
-    layers) decided by ``stats.decide``, as ``normlab recommend`` decides, on the seeds
-    every option has. Seeds added to a record after its first seeds were seen count as a
-    second look: the rule spends its error over looks at 3 and at all seeds."""
-    text = []
-    for b in sizes:
+    size, Batch Norm's PreciseBN and batch statistics at test, the batch-independent layers)
+    decided by ``stats.decide`` as ``normlab recommend`` decides, on the seeds every option
+    has: size -> (the decision as a record keeps it, option -> per-seed errors). Seeds added
+    to a record after its first seeds were seen count as a second look: the rule spends its
+    error over looks at 3 and at all seeds."""
+    lines_by, references = errors_by_size(record), reference_errors(record)
+    found = {}
+    for b in sorted({b for by in lines_by.values() for b in by}):
         options = {line: by[b] for line, by in lines_by.items() if b in by
                    and (" " not in line or line in (f"bn {m}" for m in DECIDED))}
         options.update(references)
@@ -381,11 +382,20 @@ def decided_lines(record: dict[str, Any], lines_by: dict[str, dict[int, dict[int
         errors = {o: [e[s] for s in common] for o, e in options.items()}
         looks = (3, len(common)) if record.get("extensions") and len(common) > 3 else None
         decision = decide(errors, margin=REPORT_MARGIN, alpha=REPORT_ALPHA, looks=looks)
-        last = decision_record(decision, len(common))
-        spent = (f" Seeds 4-{len(common)} were added after seeds 1-3 had been seen, so this "
-                 f"is the second of two looks (3 and {len(common)} seeds)." if looks else "")
-        text += [f"## Decided at {b} images per statistic (seeds "
-                 f"{', '.join(map(str, common))}, margin {REPORT_MARGIN} points)", "",
+        found[b] = (decision_record(decision, len(common)), errors)
+    return found
+
+
+def decided_lines(record: dict[str, Any]) -> list[str]:
+    """Each size's decision: the answer, every option's interval and verdict, the rule."""
+    text = []
+    for b, (last, errors) in decisions(record).items():
+        seeds = len(next(iter(errors.values())))
+        spent = (f" Seeds 4-{seeds} were added after seeds 1-3 had been seen, so this is the "
+                 f"second of two looks (3 and {seeds} seeds)."
+                 if record.get("extensions") and seeds > 3 else "")
+        text += [f"## Decided at {b} images per statistic ({seeds} seeds, margin "
+                 f"{REPORT_MARGIN} points)", "",
                  answer(last, errors, {"margin": REPORT_MARGIN, "alpha": REPORT_ALPHA},
                         None) + spent, "",
                  *decision_table(last, errors, REPORT_ALPHA, record["runs"], b), "",
@@ -432,8 +442,8 @@ def _recovered_lines(lines_by: dict[str, dict[int, dict[int, float]]],
         f"inconsistency; what only a different training normalization wins back is the cost "
         f"of noisy statistics in training. Won back: plain Batch Norm's error at {small} minus "
         f"the remedy's, paired by seed. Share of the loss won back (100%: as good as Batch "
-        f"Norm at {large}; negative: worse than plain Batch Norm at {small}) with a 95% "
-        f"paired bootstrap interval (10,000 resamples of the seeds) where at least "
+        f"Norm at {large}; negative: worse than plain Batch Norm at {small}) with its 95% "
+        f"Fieller interval (the ratios a paired t-test does not reject) where at least "
         f"{MIN_RANKING_SEEDS} seeds have all three numbers; a ratio is uncertain where its "
         f"divisor is, so these intervals are wide:",
         "",
