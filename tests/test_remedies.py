@@ -294,7 +294,8 @@ def test_report_beside_another_remedies_study(tmp_path, tiny_mnist, capsys):
     record = json.loads((out / "remedies.json").read_text())
     assert record["beside"] == {"folder": "../b"}
     report = (out / "report.md").read_text()
-    assert "## Beside normlab's small CNN: which differences are shown on normlab's small CNN too" in report
+    assert ("## Beside normlab's small CNN: which differences are shown on normlab's small "
+            "CNN too") in report
     assert "| Group Norm (gn) − Batch Norm (bn) at 2 |" in report
     code, line = cli_error(["report", str(out), "--beside", str(tmp_path)], capsys)
     assert code == 2 and "remedies.json does not exist" in line
