@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from normlab.experiments.decision import label
-from normlab.experiments.remedies import REPORT_MARGIN, decisions
+from normlab.experiments.decision import REPORT_MARGIN, decisions, label
+from normlab.experiments.remedies import errors_by_size, reference_errors
 
 ROOT = Path(__file__).resolve().parent.parent
 # The networks measured, one column each: (heading, record).
@@ -32,7 +32,12 @@ PAGES = {"docs/guide.md": LONG, "README.md": SHORT, "docs/index.md": SHORT}
 
 
 def load() -> list[tuple[str, dict[int, tuple[dict[str, Any], dict[str, list[float]]]]]]:
-    return [(name, decisions(json.loads((ROOT / path).read_text()))) for name, path in NETWORKS]
+    measured = []
+    for name, path in NETWORKS:
+        record = json.loads((ROOT / path).read_text())
+        measured.append((name, decisions(record, errors_by_size(record),
+                                         reference_errors(record))))
+    return measured
 
 
 def cell(last: dict[str, Any], option: str) -> str:

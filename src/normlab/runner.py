@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import distributed, modelspec, progress
+from . import distributed, modelspec, preflight, progress
 from .checkpoint import write_json
 from .data import DATASETS, Data
 from .device import resolve_precision, select_device
@@ -45,7 +45,8 @@ from .engine import (
 )
 from .errors import CheckpointError, DataError, UsageError, WorkerDied, error_line
 from .experiments.base import Experiment, Run, Settings
-from .folder import apply_config, given, open_resume, prepare_out, remove_unused, run_lock
+from .folder import apply_config, open_resume, prepare_out, remove_unused, run_lock
+from .hooks import EpochLines, TensorBoard
 from .model import Net
 from .norms import NORMS
 from .progress import tqdm
@@ -92,40 +93,6 @@ def execute(run: Run, experiment: Experiment, s: Settings, data: Data, device: t
                   file=sys.stderr)
         return experiment.failed(run, str(exc), data, s)
     return experiment.result(run, model, history, data, device, s)
-
-
-class EpochLines(Hook):
-    """One printed line per finished epoch (rank 0, experiments that print epochs)."""
-
-    def __init__(self, label: str, epochs: int, split: str) -> None:
-        self.label, self.epochs, self.split = label, epochs, split
-
-    def after_epoch(self, epoch: int, row: dict[str, float]) -> None:
-        tqdm.write(f"  {self.label} epoch {epoch:2d}/{self.epochs}  lr {row['lr']:.4f}  "
-                   f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
-                   f"{self.split} loss {row['test_loss']:.4f} "
-                   f"acc {row['test_acc']:6.2f}%  {row['epoch_time']:5.1f}s")
-
-
-class TensorBoard(Hook):
-    """Each epoch's losses, accuracies and learning rate for ``tensorboard --logdir``."""
-
-    def __init__(self, folder: Path, split: str) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.board, self.split = SummaryWriter(log_dir=str(folder)), split
-
-    def after_epoch(self, epoch: int, row: dict[str, float]) -> None:
-        for name, value in (("loss/train", row["train_loss"]),
-                            (f"loss/{self.split}", row["test_loss"]),
-                            ("accuracy/train", row["train_acc"]),
-                            (f"accuracy/{self.split}", row["test_acc"]),
-                            ("learning_rate", row["lr"])):
-            self.board.add_scalar(name, value, epoch)
-        self.board.flush()  # so that a live `tensorboard --logdir` shows every epoch
-
-    def after_train(self) -> None:
-        self.board.close()
 
 
 # -- --jobs: independent runs in worker processes
@@ -389,15 +356,15 @@ class _Phases:
     def load_data(self) -> None:
         def load() -> Data:
             data = _load_and_check(self.experiment, self.record, self.ranks)
-            _check_same_data(self.record, data, self.args)
+            preflight.check_same_data(self.record, data, self.args)
             self.model, self.parameters = None, None
             spec = modelspec.from_args(self.args)
             if spec is not None:  # every variant of the user's model, checked on this data
-                _leave_out_inapplicable(self.experiment, len(data.input_shape) - 1,
-                                        self.ranks.leader)
-                fewest = _fewest_per_statistic(self.experiment.runs(), len(data.train_labels),
-                                               self.ranks.world_size,
-                                               self.args.virtual_batch_size)
+                preflight.leave_out_inapplicable(self.experiment,
+                                                 len(data.input_shape) - 1, self.ranks.leader)
+                fewest = preflight.fewest_per_statistic(
+                    self.experiment.runs(), len(data.train_labels), self.ranks.world_size,
+                    self.args.virtual_batch_size)
                 self.model, self.parameters = modelspec.check(
                     spec, modelspec.variant_layers(self.experiment.variants()),
                     self.args.num_groups, data.example(), data.num_classes, fewest)
@@ -496,60 +463,6 @@ class _Phases:
             self.experiment.after(self.out, self.record, self.data, self.device)
             self.experiment.render(self.out, self.record)
         return self.experiment.exit_code(self.record)
-
-
-def _check_same_data(record: dict[str, Any] | None, data: Data, args: argparse.Namespace
-                     ) -> None:
-    """A resumed run continues on the data it started with, or not at all: a record of
-    another data set would mix two in one."""
-    recorded = ((record or {}).get("config", {}).get("data") or {}).get("fingerprint")
-    if recorded is not None and recorded != data.fingerprint():
-        raise UsageError(f"{args.resume} was trained on other data: {args.dataset} has "
-                         f"changed since the run started (its fingerprint was "
-                         f"{recorded[:19]}..., now {data.fingerprint()[:19]}...); restore "
-                         f"that data to continue, or start a new run with --out")
-
-
-def _leave_out_inapplicable(experiment: Experiment, dims: int, say: bool) -> None:
-    """Leave out, with one line, the default variants whose norm is not defined for the
-    data's maps (FRN and EvoNorm are 2-D only), so a study runs on 1-D and 3-D networks
-    as it is; variants the user named are refused instead."""
-    args = experiment.args
-    wrong = [v for v in experiment.variants() if dims not in NORMS[VARIANTS[v].norm].dims]
-    if not wrong:
-        return
-    named = [v for v in wrong for flag in _VARIANT_OPTIONS
-             if given(args, flag) and v in (getattr(args, flag[2:], None) or [])]
-    why = f"{', '.join(wrong)}: defined for 2-D maps only, and the data's are {dims}-D"
-    if named or getattr(args, "resume", None):
-        raise UsageError(f"{why}; leave {'them' if len(wrong) > 1 else 'it'} out of "
-                         f"--variants / --references")
-    for flag in _VARIANT_OPTIONS:
-        chosen = getattr(args, flag[2:], None)
-        if isinstance(chosen, list):
-            setattr(args, flag[2:], [v for v in chosen if v not in wrong])
-    if not experiment.variants():
-        raise UsageError(f"{why}, and no other variant is left; choose --variants")
-    if say:
-        print(f"left out {why}")
-
-
-_VARIANT_OPTIONS = ("--variants", "--references")
-
-
-def _fewest_per_statistic(runs: list[Run], train_images: int, world: int,
-                          virtual_batch_size: int | None) -> int:
-    """The fewest inputs any batch statistic of these runs sees in training: a virtual
-    batch, a process's part of a batch, or a part of the last, short batch."""
-    fewest = train_images
-    for run in runs:
-        per_process = run.batch_size // world
-        virtual = run.virtual_batch_size_given(virtual_batch_size) or per_process
-        fewest = min(fewest, virtual)
-        last = train_images % run.batch_size
-        if last:
-            fewest = min(fewest, last // (world * max(1, per_process // virtual)))
-    return fewest
 
 
 def _load_and_check(experiment: Experiment, record: dict[str, Any] | None, ranks: Ranks

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from scipy import stats as sps
 
 from ..plots import DPI
-from ..stats import Decision, look_levels
+from ..stats import Decision, decide, look_levels
 from ..variants import VARIANTS
 
 INFERENCE = {"precise": "PreciseBN", "batch": "batch statistics at test"}
@@ -188,3 +188,53 @@ def figure(last: dict[str, Any], margin: float, title: str, path: Path) -> Figur
     ax.legend(loc="lower right", fontsize=8)
     fig.savefig(path, dpi=DPI)
     return fig
+
+
+# The margin these reports decide equivalence with, in points of test error: declared
+# before any decision was rendered, as normlab recommend's default.
+REPORT_MARGIN = 0.5
+REPORT_ALPHA = 0.05
+
+
+def decisions(record: dict[str, Any], lines_by: dict[str, dict[int, dict[int, float]]],
+              references: dict[str, dict[int, float]]
+              ) -> dict[int, tuple[dict[str, Any], dict[str, list[float]]]]:
+    """At each size with 3 or more seeds, every option (the batch-dependent variants at that
+    size, Batch Norm's PreciseBN and batch statistics at test, the batch-independent layers)
+    decided by ``stats.decide`` as ``normlab recommend`` decides, on the seeds every option
+    has: size -> (the decision as a record keeps it, option -> per-seed errors). Seeds added
+    to a record after its first seeds were seen count as a second look: the rule spends its
+    error over looks at 3 and at all seeds. ``lines_by`` and ``references``: the record's
+    errors (``remedies.errors_by_size``, ``remedies.reference_errors``)."""
+    found = {}
+    for b in sorted({b for by in lines_by.values() for b in by}):
+        options = {line: by[b] for line, by in lines_by.items() if b in by
+                   and (" " not in line or line.startswith("bn ")
+                        and line.partition(" ")[2] in INFERENCE)}
+        options.update(references)
+        common = sorted(set.intersection(*(set(e) for e in options.values())))
+        if len(common) < 3:
+            continue
+        errors = {o: [e[s] for s in common] for o, e in options.items()}
+        looks = (3, len(common)) if record.get("extensions") and len(common) > 3 else None
+        decision = decide(errors, margin=REPORT_MARGIN, alpha=REPORT_ALPHA, looks=looks)
+        found[b] = (decision_record(decision, len(common)), errors)
+    return found
+
+
+def decided_lines(record: dict[str, Any], lines_by: dict[str, dict[int, dict[int, float]]],
+                  references: dict[str, dict[int, float]]) -> list[str]:
+    """Each size's decision: the answer, every option's interval and verdict, the rule."""
+    text = []
+    for b, (last, errors) in decisions(record, lines_by, references).items():
+        seeds = len(next(iter(errors.values())))
+        spent = (f" Seeds 4-{seeds} were added after seeds 1-3 had been seen, so this is the "
+                 f"second of two looks (3 and {seeds} seeds)."
+                 if record.get("extensions") and seeds > 3 else "")
+        text += [f"## Decided at {b} images per statistic ({seeds} seeds, margin "
+                 f"{REPORT_MARGIN} points)", "",
+                 answer(last, errors, {"margin": REPORT_MARGIN, "alpha": REPORT_ALPHA},
+                        None) + spent, "",
+                 *decision_table(last, errors, REPORT_ALPHA, record["runs"], b), "",
+                 *promise_lines(last, REPORT_MARGIN, REPORT_ALPHA), ""]
+    return text

@@ -22,6 +22,7 @@ from ..checkpoint import WEIGHTS_SUFFIX, save_model
 from ..data import Data, load_data
 from ..engine import DEFAULTS
 from ..errors import UsageError
+from ..evaluate import Trained, evaluate_model
 from ..model import Net
 from ..options import positive_float, positive_int
 from .base import Run, Settings
@@ -142,3 +143,23 @@ class PerDevice(Sweep):
                        git_revision=s.revision, dataset=self.args.dataset,
                        batch_size=run.batch_size, precision=s.precision)
         return result
+
+
+def inference_results(model: Net, data: Data, device: torch.device, run: Run,
+                      images_per_statistic: int, s: Settings, dataset: str,
+                      precise_images: int, modes: Sequence[str]) -> dict[str, Any]:
+    """A trained batch-dependent run's test numbers with each of Batch Norm's inference
+    remedies (``normlab.evaluate``), which need no retraining."""
+    trained = Trained(dataset, run.batch_size, images_per_statistic, s.precision)
+    inference = {}
+    for mode in modes:
+        loss, acc = evaluate_model(model, data, trained, mode, device, precise_images)
+        inference[mode] = dict(test_loss=loss, test_acc=acc, test_error=100.0 - acc)
+    return {"inference": inference}
+
+
+def inference_summary(result: dict[str, Any]) -> str:
+    """A finished run's line: its test error, each inference remedy's, its time."""
+    extra = "".join(f", {mode} {r['test_error']:.2f}%"
+                    for mode, r in result.get("inference", {}).items())
+    return f"test error {result['test_error']:5.2f}%{extra}  {result['wall_time_s']:5.1f}s"

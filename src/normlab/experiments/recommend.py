@@ -32,7 +32,7 @@ from .. import distributed, modelspec
 from ..checkpoint import atomic_write, write_json
 from ..data import Data, load_data, shown_dataset
 from ..errors import UsageError
-from ..evaluate import DEFAULT_PRECISE_IMAGES, Trained, evaluate_model
+from ..evaluate import DEFAULT_PRECISE_IMAGES
 from ..folder import given
 from ..model import Net
 from ..norms import NORMS
@@ -50,7 +50,7 @@ from .decision import (
     label,
     promise_lines,
 )
-from .perdevice import PerDevice, add_protocol_options
+from .perdevice import PerDevice, add_protocol_options, inference_results, inference_summary
 from .remedies import REFERENCES, SWEPT
 
 LOOKS = (3, 5, 8)  # planned looks below --max-seeds, which is the last
@@ -287,13 +287,8 @@ class Recommend(PerDevice):
         ips = result["images_per_statistic"]
         if run.variant != "bn" or run.key.startswith("tune/") or ips is None:
             return {}
-        trained = Trained(self.args.dataset, run.batch_size, ips, s.precision)
-        inference = {}
-        for mode in INFERENCE:
-            loss, acc = evaluate_model(model, data, trained, mode, device,
-                                       self.args.precise_images)
-            inference[mode] = dict(test_loss=loss, test_acc=acc, test_error=100.0 - acc)
-        return {"inference": inference}
+        return inference_results(model, data, device, run, ips, s, self.args.dataset,
+                                 self.args.precise_images, list(INFERENCE))
 
     def announce(self, data: Data, device: torch.device, verb: str, out: Path) -> str:
         a = self.args
@@ -405,9 +400,7 @@ class Recommend(PerDevice):
                 f"{buys}")
 
     def summary(self, result: dict[str, Any]) -> str:
-        extra = "".join(f", {mode} {r['test_error']:.2f}%"
-                        for mode, r in result.get("inference", {}).items())
-        return f"test error {result['test_error']:5.2f}%{extra}  {result['wall_time_s']:5.1f}s"
+        return inference_summary(result)
 
     @staticmethod
     def render(out: Path, record: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from ..checkpoint import atomic_write
 from ..data import Data, shown_dataset
 from ..errors import UsageError
-from ..evaluate import DEFAULT_PRECISE_IMAGES, Trained, evaluate_model
+from ..evaluate import DEFAULT_PRECISE_IMAGES
 from ..model import Net
 from ..norms import NORMS
 from ..options import add_run_options, positive_int
@@ -42,11 +42,11 @@ from ..report import (
     provenance_lines,
     time_line,
 )
-from ..stats import decide, paired_difference
+from ..stats import paired_difference
 from ..variants import VARIANTS
 from .base import Run, Settings
-from .decision import answer, decision_record, decision_table, promise_lines
-from .perdevice import PerDevice, add_protocol_options
+from .decision import decided_lines
+from .perdevice import PerDevice, add_protocol_options, inference_results, inference_summary
 from .ranking import (
     MIN_RANKING_SEEDS,
     claim_lines,
@@ -63,7 +63,6 @@ SWEPT = ("bn", "brn", "evob0")  # depend on the batch: trained at every size
 REFERENCES = ("gn", "gn+ws", "ln", "ln+ws", "frn", "evos0")  # do not: once per seed
 SIZES = (2, 4, 8, 32, 128)
 INFERENCE = ("precise", "precise-grouped", "batch")  # no retraining (normlab.evaluate)
-DECIDED = ("precise", "batch")  # the inference remedies a decision sets beside the others
 # Also recorded for every batch-dependent run since the ten-seed extension (seeds 1-3 of the
 # committed records predate it): PreciseBN over augmented training batches, as fvcore does it.
 RECORDED = (*INFERENCE, "precise-augmented")
@@ -144,13 +143,8 @@ class Remedies(PerDevice):
         ips = result["images_per_statistic"]
         if ips is None:
             return {}
-        trained = Trained(self.args.dataset, run.batch_size, ips, s.precision)
-        inference = {}
-        for mode in RECORDED:
-            loss, acc = evaluate_model(model, data, trained, mode, device,
-                                       self.args.precise_images)
-            inference[mode] = dict(test_loss=loss, test_acc=acc, test_error=100.0 - acc)
-        return {"inference": inference}
+        return inference_results(model, data, device, run, ips, s, self.args.dataset,
+                                 self.args.precise_images, RECORDED)
 
     def announce(self, data: Data, device: torch.device, verb: str, out: Path) -> str:
         a = self.args
@@ -162,9 +156,7 @@ class Remedies(PerDevice):
                 f"device {device}; {verb} {out}")
 
     def summary(self, result: dict[str, Any]) -> str:
-        extra = "".join(f", {mode} {r['test_error']:.2f}%"
-                        for mode, r in result.get("inference", {}).items())
-        return f"test error {result['test_error']:5.2f}%{extra}  {result['wall_time_s']:5.1f}s"
+        return inference_summary(result)
 
     @staticmethod
     def render(out: Path, record: dict[str, Any]) -> None:
@@ -325,7 +317,7 @@ def render_report(record: dict[str, Any], beside: dict[str, Any] | None = None) 
                     + " | ".join(_cell(list(e.values()), counts[b]) for b in sizes) + " |")
     text += failed_lines(_at_recipe(record))
     text += ["", "![test error vs images per statistic](remedies.png)", ""]
-    text += decided_lines(record)
+    text += decided_lines(record, lines_by, references)
     text += difference_lines(lines_by, references, sizes, _label)
     text += ranking_lines(lines_by, references, sizes, _label)
     text += _recovered_lines(lines_by, references, sizes)
@@ -355,52 +347,6 @@ def render_report(record: dict[str, Any], beside: dict[str, Any] | None = None) 
         "",
     ]
     return "\n".join(text)
-
-
-# The margin these reports decide equivalence with, in points of test error: declared
-# before any decision was rendered, as normlab recommend's default.
-REPORT_MARGIN = 0.5
-REPORT_ALPHA = 0.05
-
-
-def decisions(record: dict[str, Any]) -> dict[int, tuple[dict[str, Any], dict[str, list[float]]]]:
-    """At each size with 3 or more seeds, every option (the batch-dependent variants at that
-    size, Batch Norm's PreciseBN and batch statistics at test, the batch-independent layers)
-    decided by ``stats.decide`` as ``normlab recommend`` decides, on the seeds every option
-    has: size -> (the decision as a record keeps it, option -> per-seed errors). Seeds added
-    to a record after its first seeds were seen count as a second look: the rule spends its
-    error over looks at 3 and at all seeds."""
-    lines_by, references = errors_by_size(record), reference_errors(record)
-    found = {}
-    for b in sorted({b for by in lines_by.values() for b in by}):
-        options = {line: by[b] for line, by in lines_by.items() if b in by
-                   and (" " not in line or line in (f"bn {m}" for m in DECIDED))}
-        options.update(references)
-        common = sorted(set.intersection(*(set(e) for e in options.values())))
-        if len(common) < 3:
-            continue
-        errors = {o: [e[s] for s in common] for o, e in options.items()}
-        looks = (3, len(common)) if record.get("extensions") and len(common) > 3 else None
-        decision = decide(errors, margin=REPORT_MARGIN, alpha=REPORT_ALPHA, looks=looks)
-        found[b] = (decision_record(decision, len(common)), errors)
-    return found
-
-
-def decided_lines(record: dict[str, Any]) -> list[str]:
-    """Each size's decision: the answer, every option's interval and verdict, the rule."""
-    text = []
-    for b, (last, errors) in decisions(record).items():
-        seeds = len(next(iter(errors.values())))
-        spent = (f" Seeds 4-{seeds} were added after seeds 1-3 had been seen, so this is the "
-                 f"second of two looks (3 and {seeds} seeds)."
-                 if record.get("extensions") and seeds > 3 else "")
-        text += [f"## Decided at {b} images per statistic ({seeds} seeds, margin "
-                 f"{REPORT_MARGIN} points)", "",
-                 answer(last, errors, {"margin": REPORT_MARGIN, "alpha": REPORT_ALPHA},
-                        None) + spent, "",
-                 *decision_table(last, errors, REPORT_ALPHA, record["runs"], b), "",
-                 *promise_lines(last, REPORT_MARGIN, REPORT_ALPHA), ""]
-    return text
 
 
 def _cell(values: list[float], seeds: int) -> str:
