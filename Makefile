@@ -13,7 +13,7 @@ ARGS   ?=
 NORMLAB_DATA ?= $(if $(wildcard ../shared/data/mnist/t10k-labels-idx1-ubyte.gz),$(abspath ../shared/data/mnist))
 export NORMLAB_DATA
 
-.PHONY: demo test bench lint summary docs docs-serve clean
+.PHONY: demo test bench lint summary docs docs-serve dist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ docs: $(VENV)/.installed-docs  ## the documentation site into site/ (strict: any
 
 docs-serve: $(VENV)/.installed-docs  ## the site at http://127.0.0.1:8000, rebuilt on edits
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+dist: $(VENV)/.installed-dev  ## a wheel and a source archive into dist/
+	$(BIN)/python -m build --outdir dist .
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -7,7 +7,8 @@ reader sees. This reads the built HTML under ``site/`` and fails, one line per p
 * a machine's folder (``/work/...``, ``/tmp/...``, ``/home/...``) or the word "issue" on a
   page for users (the contributors' pages may speak of both);
 * a line of the API or CLI reference's code blocks wider than the page's code column;
-* a README that says ``make demo`` runs something the Makefile does not.
+* a README that says ``make demo`` runs something the Makefile does not;
+* a script, style sheet, font or image loaded from another host.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def broken_links(path: Path, page: str, ids: dict[Path, set[str]]) -> list[str]:
 
 
 def words(path: Path, page: str) -> list[str]:
-    top = path.relative_to(SITE).parts[0]
+    top = path.relative_to(SITE).parts[0].removesuffix(".html")  # X.html, or X/index.html
     if top in CONTRIBUTORS:
         return []
     text = visible_text(page)
@@ -96,6 +97,16 @@ def demo_sentence() -> list[str]:
             for s in said if s.split() != runs.split()]
 
 
+def outside_requests(path: Path, page: str) -> list[str]:
+    """What a browser would fetch from another host to show the page (a script, a style
+    sheet, a font, an image): the site must work offline and from file://."""
+    fetched = re.findall(r'<(?:script|img|iframe)\b[^>]*\bsrc="(https?:)?//([^/"]+)', page)
+    fetched += re.findall(r'<link\b[^>]*\brel="(?:stylesheet|preconnect|preload|icon)"[^>]*'
+                          r'\bhref="(https?:)?//([^/"]+)', page)
+    fetched += re.findall(r'@import\s+url\((https?:)?//([^/)]+)', page)
+    return [f"{path.relative_to(SITE)}: loads from {host}" for _, host in fetched]
+
+
 def main() -> int:
     if not SITE.is_dir():
         print("site/ is missing: build it first (make docs)", file=sys.stderr)
@@ -104,7 +115,8 @@ def main() -> int:
     problems = demo_sentence()
     for path in pages():
         page = path.read_text(errors="ignore")
-        problems += broken_links(path, page, ids) + words(path, page) + wide_code(path, page)
+        problems += (broken_links(path, page, ids) + words(path, page) + wide_code(path, page)
+                     + outside_requests(path, page))
     for line in problems:
         print(line, file=sys.stderr)
     print(f"check_site: {len(pages())} pages, {len(problems)} problem(s)")

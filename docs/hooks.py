@@ -58,13 +58,24 @@ def on_page_markdown(markdown: str, page, config, files: Files) -> str:
     return markdown
 
 
+SHIM = "https://unpkg.com/iframe-worker/shim"  # what the offline plugin would load
+
+
 def on_post_page(output: str, page, config) -> str:
     """The notebook links to the docs as the repository holds them (``../docs/X.md`` from
-    notebooks/, right on GitHub); on the site that page is ``X/`` beside it."""
+    notebooks/, right on GitHub); on the site that page is ``X.html`` beside it (``X/``
+    with directory URLs)."""
     if page.file.src_uri == NOTEBOOK.name:
-        output = re.sub(r'href="\.\./docs/([\w/-]+)\.md(#[^"]*)?"',
-                        lambda m: f'href="../{m.group(1)}/{m.group(2) or ""}"', output)
-    return output
+        def site(m: re.Match) -> str:
+            target = f"{m.group(1)}/" if config["use_directory_urls"] else f"{m.group(1)}.html"
+            up = "../" if config["use_directory_urls"] else ""
+            return f'href="{up}{target}{m.group(2) or ""}"'
+
+        output = re.sub(r'href="\.\./docs/([\w/-]+)\.md(#[^"]*)?"', site, output)
+    # Search from file:// without another host: the shim the offline plugin names, served
+    # from the site (docs/assets/javascripts/).
+    up = "../" * page.file.dest_uri.count("/")
+    return output.replace(f'src="{SHIM}"', f'src="{up}assets/javascripts/iframe-worker-shim.js"')
 
 
 def _folded(folder: str, report: str) -> str:
