@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from normlab.data import load_data
-from normlab.engine import DEFAULTS, VARIANTS, train_model
+from normlab.engine import DEFAULTS, VARIANTS, Hook, Trainer, train_model
 from normlab.model import ARCHITECTURE, count_parameters
 from normlab.provenance import git_revision
 
@@ -55,6 +55,11 @@ def main() -> None:
     p.add_argument("--log", type=Path, default=Path("results/tuning/screen.jsonl"))
     args = p.parse_args()
 
+    class ValidationLine(Hook):
+        def after_epoch(self, trainer: Trainer) -> None:
+            print(f"  epoch {trainer.epoch:2d} validation acc {trainer.row['test_acc']:.2f}%",
+                  flush=True)
+
     variant = VARIANTS[args.variant]
     arch = parse_arch(args.arch)
     data = load_data(args.data_dir, holdout=args.holdout)
@@ -63,8 +68,7 @@ def main() -> None:
         variant.norm, lambda_l1=args.l1 if variant.l1 else 0.0, epochs=args.epochs,
         seed=args.seed, batch_size=args.batch_size, lr=args.lr, dropout=args.dropout,
         weight_decay=args.weight_decay, data=data, architecture=arch, progress=False,
-        on_epoch=lambda e, r: print(f"  epoch {e:2d} validation acc {r['test_acc']:.2f}%",
-                                    flush=True))
+        hooks=[ValidationLine()])
     record = dict(variant=args.variant, arch=args.arch, params=count_parameters(model),
                   epochs=args.epochs, seed=args.seed, lr=args.lr,
                   weight_decay=args.weight_decay, dropout=args.dropout,

@@ -3,12 +3,13 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from conftest import synthetic_digits, write_dataset
 from normlab import engine
 from normlab.data import Loader, load_data
 from normlab.engine import l1_penalty, misclassified, objective, select_device, train, train_model
-from normlab.model import Net
+from normlab.model import ARCHITECTURE, Net
 
 CPU = torch.device("cpu")
 
@@ -135,42 +136,74 @@ def test_train_model_is_reproducible_and_records_every_epoch(tmp_path):
     assert other["train_loss"] != h1["train_loss"]
 
 
-def test_hooks_see_every_step_and_epoch_and_end_even_when_training_stops(tmp_path):
-    """A Hook's before_step gets the scheduler's step count before each step, after_epoch the
-    history's row, after_train runs once however training ends; a TrainConfig trains exactly
-    as the same settings passed by name."""
+def test_hooks_see_the_trainer_at_every_step_and_epoch_and_end_even_when_training_stops(
+        tmp_path):
+    """A Hook gets the Trainer: before_train once, before_step/after_step around each step
+    with the steps taken, the optimizer and the scheduler's learning rate as they are then,
+    after_epoch the epoch's row (which becomes the history's), after_train once however
+    training ends; its state_dict is saved in the checkpoint and restored on resume. A
+    TrainConfig trains exactly as the same settings passed by name."""
     spec = write_dataset(tmp_path, n_train=96, n_test=40)
     data = load_data(tmp_path, spec)
 
     class Recorder(engine.Hook):
         def __init__(self):
-            self.steps, self.rows, self.ended = [], [], 0
+            self.started, self.steps, self.lrs, self.rows, self.ended = 0, [], [], [], 0
+            self.total_steps = 0  # kept in the checkpoint
 
-        def before_step(self, step):
-            self.steps.append(step)
+        def before_train(self, trainer):
+            self.started += 1
+            assert isinstance(trainer.net, nn.Module) and trainer.config.norm == "layer"
 
-        def after_epoch(self, epoch, row):
-            self.rows.append((epoch, row))
-            if epoch == 1 and stop:
+        def before_step(self, trainer):
+            self.steps.append(trainer.step)
+
+        def after_step(self, trainer):  # the schedule (a default hook) has stepped already
+            self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
+            self.total_steps += 1
+            assert trainer.scheduler.last_epoch == trainer.step
+
+        def after_epoch(self, trainer):
+            self.rows.append((trainer.epoch, dict(trainer.row)))
+            if trainer.epoch == 1 and stop:
                 raise KeyboardInterrupt
 
-        def after_train(self):
+        def after_train(self, trainer):
             self.ended += 1
+
+        def state_dict(self):
+            return {"total_steps": self.total_steps}
+
+        def load_state_dict(self, state):
+            self.total_steps = state["total_steps"]
 
     common = dict(data=data, device="cpu", progress=False)
     stop, hook = False, Recorder()
     config = engine.TrainConfig("layer", epochs=2, seed=3, batch_size=32)
     _, history = train_model(config, hooks=[hook], **common)
-    assert hook.steps == list(range(6)) and hook.ended == 1  # 3 batches a epoch, 2 epochs
+    assert hook.steps == list(range(6)) and hook.ended == hook.started == 1  # 3 steps an epoch
+    _, scheduler = engine.make_optimizer(nn.Linear(1, 1), 0.05, 2, 3)
+    expected = []
+    for _ in range(6):
+        scheduler.optimizer.step()
+        scheduler.step()
+        expected.append(scheduler.get_last_lr()[0])
+    assert hook.lrs == pytest.approx(expected, rel=1e-12)
     assert [e for e, _ in hook.rows] == [1, 2]
     assert [r["test_acc"] for _, r in hook.rows] == history["test_acc"]
     by_name = train_model("layer", epochs=2, seed=3, batch_size=32, **common)[1]
     assert {k: v for k, v in by_name.items() if k != "epoch_time"} == \
            {k: v for k, v in history.items() if k != "epoch_time"}
+    # stopped after epoch 1 with a checkpoint, resumed: the hook's state comes back
     stop, hook = True, Recorder()
     with pytest.raises(KeyboardInterrupt):
-        train_model(config, hooks=[hook], **common)
-    assert hook.ended == 1 and len(hook.rows) == 1
+        train_model(config, hooks=[hook], checkpoint=tmp_path / "ck.pt", **common)
+    assert hook.ended == 1 and len(hook.rows) == 1 and hook.total_steps == 3
+    stop, resumed = False, Recorder()
+    _, again = train_model(config, hooks=[resumed], checkpoint=tmp_path / "ck.pt", **common)
+    assert resumed.steps == [3, 4, 5] and resumed.total_steps == 6
+    assert {k: v for k, v in again.items() if k != "epoch_time"} == \
+           {k: v for k, v in history.items() if k != "epoch_time"}
 
 
 def test_checkpoint_key_is_the_one_earlier_versions_wrote():
@@ -181,7 +214,7 @@ def test_checkpoint_key_is_the_one_earlier_versions_wrote():
     config = engine.TrainConfig("group", lambda_l1=0.0, num_groups=2, epochs=3, seed=7,
                                 batch_size=32, lr=0.02)
     earlier = dict(norm="group", num_groups=2, dropout=0.0, lambda_l1=0.0,
-                   architecture=[list(layer) for layer in engine.ARCHITECTURE],
+                   architecture=[list(layer) for layer in ARCHITECTURE],
                    epochs=3, seed=7, batch_size=32, lr=0.02, momentum=0.9, weight_decay=0.0,
                    precision="fp32", train_images=320)
     key = config.checkpoint_key("fp32", 320, world=1)
@@ -311,12 +344,13 @@ def test_resume_inside_one_process_equals_an_uninterrupted_run(tiny, tmp_path, n
     whole, history = train_model(norm, **common)
     checkpoint = tmp_path / "state.ckpt"
 
-    def stop(epoch: int, row: dict) -> None:
-        if epoch == 1:
-            raise _Stop
+    class Stop(engine.Hook):
+        def after_epoch(self, trainer: engine.Trainer) -> None:
+            if trainer.epoch == 1:
+                raise _Stop
 
     with pytest.raises(_Stop):
-        train_model(norm, checkpoint=checkpoint, on_epoch=stop, **common)
+        train_model(norm, checkpoint=checkpoint, hooks=[Stop()], **common)
     resumed, again = train_model(norm, checkpoint=checkpoint, **common)
     assert {k: v for k, v in again.items() if k != "epoch_time"} == \
         {k: v for k, v in history.items() if k != "epoch_time"}

@@ -325,16 +325,16 @@ def test_resume_keeps_threads_and_equals_the_uninterrupted_run(nets, monkeypatch
     threads_seen = []
     real = runner.EpochLines.after_epoch
 
-    def watch(self, epoch, row):
+    def watch(self, trainer):
         threads_seen.append(torch.get_num_threads())
-        real(self, epoch, row)
+        real(self, trainer)
 
     monkeypatch.setattr(runner.EpochLines, "after_epoch", watch)
     assert main([*common, "--threads", "1", "--out", str(nets / "whole")]) == 0
 
-    def stop(self, epoch, row):
-        watch(self, epoch, row)
-        if self.label == "gn" and epoch == 1:
+    def stop(self, trainer):
+        watch(self, trainer)
+        if self.label == "gn" and trainer.epoch == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(runner.EpochLines, "after_epoch", stop)
@@ -360,8 +360,8 @@ def test_resume_refuses_changed_data(nets, capsys, monkeypatch):
     common = _run(nets, "head", variants=("bn", "gn"))
     real = runner.EpochLines.after_epoch
 
-    def stop(self, epoch, row):
-        real(self, epoch, row)
+    def stop(self, trainer):
+        real(self, trainer)
         if self.label == "gn":
             raise KeyboardInterrupt
 
@@ -401,20 +401,6 @@ def test_torchscript_of_frn_and_evonorm_says_what_to_do_in_one_line():
             torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 3), layer))
         text = str(refused.value)
         assert "\n" not in text and "torch.compile" in text and "torch.export" in text
-
-
-def test_hooks_without_a_scheduler():
-    steps = []
-
-    class Count(engine.Hook):
-        def before_step(self, step):
-            steps.append(step)
-
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2), nn.LogSoftmax(1))
-    loader = data_module.Loader(torch.randn(10, 1, 2, 2), torch.arange(10) % 2, 4)
-    engine.train(model, torch.device("cpu"), loader, torch.optim.SGD(model.parameters(), 0.1),
-                 progress=False, hooks=[Count()])
-    assert steps == [0, 1, 2]
 
 
 def test_no_progress_bars_in_a_log(tmp_path, capsys):

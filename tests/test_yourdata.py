@@ -71,9 +71,9 @@ def test_compare_trains_with_virtual_batches_resumes_evaluates_and_reports(
 
     real = runner.EpochLines.after_epoch
 
-    def stop_in_gn(self, epoch, row):
-        real(self, epoch, row)
-        if self.label == "gn" and epoch == 1:
+    def stop_in_gn(self, trainer):
+        real(self, trainer)
+        if self.label == "gn" and trainer.epoch == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(runner.EpochLines, "after_epoch", stop_in_gn)

@@ -25,8 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from . import __version__
-from .errors import CheckpointError, UsageError, disk_full  # noqa: F401 - for callers
+from . import __version__, distributed
+from .errors import CheckpointError, UsageError, disk_full, first_line  # noqa: F401
 from .model import Net
 
 WEIGHTS_SUFFIX = ".safetensors"
@@ -105,9 +105,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
             config = json.loads(meta["config"])
         except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else \
-                type(exc).__name__
-            raise CheckpointError(f"{path}: not a loadable normlab weights file ({first}); it "
+            raise CheckpointError(f"{path}: not a loadable normlab weights file "
+                                  f"({first_line(exc, 160)}); it "
                                   f"is corrupt or not normlab's: delete or replace it") from None
         return config, state, meta
     blob = _load(path, "weights file")
@@ -145,7 +144,7 @@ def load_model_and_meta(path: str | Path, map_location: str | torch.device = "cp
     except RuntimeError as exc:
         built = config["model"]["spec"] if "model" in config else f"Net({config})"
         raise CheckpointError(f"{path}: weights do not fit {built}: "
-                              f"{_first_lines(exc)}") from None
+                              f"{first_line(exc, joined=True)}") from None
     return model.to(map_location), meta
 
 
@@ -185,12 +184,6 @@ def convert_weights(path: str | Path, **meta: Any) -> Path:
     return target
 
 
-def _first_lines(exc: BaseException, limit: int = 200) -> str:
-    """An exception's message on one line ("Error(s) in loading state_dict ..." says what
-    did not fit on its following lines)."""
-    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:limit]
-
-
 def _plain(value: str) -> Any:
     try:
         return json.loads(value)
@@ -214,31 +207,35 @@ def _load(path: Path, what: str, blob: bytes | None = None) -> Any:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as exc:  # garbage bytes make the (weights-only, so safe) unpickler
         # raise almost anything: KeyError for a memo entry never stored, for one
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable normlab {what} ({first}); it is corrupt "
+        raise CheckpointError(f"{path}: not a loadable normlab {what} "
+                              f"({first_line(exc, 160)}); it is corrupt "
                               f"or unsafe: delete it to start that part again") from None
 
 
 def save_training_state(path: str | Path, config: dict[str, Any], epoch: int, model: Net,
                         optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler,
-                        generator: torch.Generator, history: dict[str, list[float]]) -> None:
-    """Everything needed to continue training after ``epoch`` exactly as if never stopped."""
+                        generator: torch.Generator, history: dict[str, list[float]],
+                        hooks: list[dict[str, Any]] | None = None) -> None:
+    """Everything needed to continue training after ``epoch`` exactly as if never stopped,
+    with the training hooks' states (``engine.Hook.state_dict``), one per hook in order."""
     rng = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     _save(path, {"format": "normlab-training-state-1", "config": config, "epoch": epoch,
                  "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rng, "history": history})
+                 "scheduler": scheduler.state_dict(), "rng": rng, "history": history,
+                 "hooks": hooks or []})
 
 
 def load_training_state(path: str | Path, config: dict[str, Any], model: Net,
                         optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler,
                         generator: torch.Generator, blob: bytes | None = None
-                        ) -> tuple[int, dict[str, list[float]]]:
+                        ) -> tuple[int, dict[str, list[float]], list[dict[str, Any]]]:
     """Restore a ``save_training_state`` file (or its bytes, ``blob``, as received from
-    rank 0) into the given objects; (epoch, history).
+    rank 0) into the given objects; (epoch, history, the hooks' states: none in a
+    checkpoint older than them).
 
     Refuses a checkpoint made for another configuration (variant, architecture, schedule,
     world size), naming what differs, rather than silently training a hybrid.
@@ -265,6 +262,17 @@ def load_training_state(path: str | Path, config: dict[str, Any], model: Net,
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: checkpoint does not fit this model "
-                              f"({_first_lines(exc)}); delete it to start that "
+                              f"({first_line(exc, joined=True)}); delete it to start that "
                               f"variant again") from None
-    return int(state["epoch"]), state["history"]
+    return int(state["epoch"]), state["history"], state.get("hooks", [])
+
+
+def read_for_ranks(path: str | Path | None, rank: int, world: int) -> bytes | None:
+    """The checkpoint's bytes on every rank, or None without one: rank 0 reads the file
+    (only it writes files) and sends it to the others, who may be on other machines."""
+    if path is None:
+        return None
+    blob = Path(path).read_bytes() if rank == 0 and Path(path).exists() else None
+    if world > 1:
+        blob = distributed.broadcast_bytes(blob) or None
+    return blob

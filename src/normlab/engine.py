@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .checkpoint import load_training_state, save_training_state
+from .checkpoint import load_training_state, read_for_ranks, save_training_state
+from .config import (  # noqa: F401 - also part of engine's documented API
+    DEFAULTS,
+    TrainConfig,
+    virtual_batches_per_process,
+)
 from .data import Data, Loader, load_data, make_loaders
 from .device import (  # noqa: F401 - also part of engine's documented API
     PRECISIONS,
@@ -31,9 +36,7 @@ from .device import (  # noqa: F401 - also part of engine's documented API
     resolve_precision,
     select_device,
 )
-from .errors import UsageError
-from .model import ARCHITECTURE, Net
-from .modelspec import ModelSpec
+from .model import Net
 from .norms import RenormSchedule
 from .progress import bar as progress_bar
 from .step import (  # noqa: F401 - also part of engine's documented API
@@ -52,27 +55,24 @@ class TrainingDiverged(Exception):
     """The loss became NaN/inf; the message names the variant, epoch and batch."""
 
 
-# Defaults shared by the CLI, the notebook and train_model.
-DEFAULTS = dict(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=0.0,
-                lambda_l1=1e-5, num_groups=4, dropout=0.0, seed=1, precision="fp32")
 
 
 def train(model: nn.Module, device: torch.device, loader: Loader,
           optimizer: torch.optim.Optimizer, lambda_l1: float = 0.0,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-          desc: str | None = None, progress: bool = True, precision: str = "fp32",
-          graph: CudaGraphStep | None = None, hooks: Sequence[Hook] = ()
+          progress: bool | str = True, precision: str = "fp32",
+          graph: CudaGraphStep | None = None, trainer: Trainer | None = None
           ) -> tuple[float, float]:
     """One epoch of training: (mean data loss, accuracy %) over the epoch's batches.
 
     Example: ``train_loss, train_acc = train(model, device, train_loader, optimizer)``.
 
     The reported loss is the NLL alone, so variants with and without L1 stay comparable.
-    ``precision="bf16"`` runs the forward pass under bfloat16 autocast. ``graph`` (on a
-    CUDA device, float32, one process) replays full batches from a CUDA graph; pass the same
-    one every epoch. Each of ``hooks`` has its ``before_step`` called before every step with
-    the scheduler's step count (without a scheduler, the steps taken this epoch; Batch
-    Renorm's schedule sets its limits there).
+    ``progress`` shows a progress bar (a string labels it). ``precision="bf16"`` runs the
+    forward pass under bfloat16 autocast. ``graph`` (on a CUDA device, float32, one
+    process) replays full batches from a CUDA graph; pass the same one every epoch. Called
+    by a ``Trainer`` (``trainer``), its hooks run before and after every step (the schedule
+    is one of them).
 
     Data-parallel (``model`` a ``DistributedDataParallel``, ``loader`` sharded): each rank's
     loss is weighted by its share of the global batch, so DDP's gradient average is the
@@ -84,14 +84,12 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
     totals = graph.totals if graph is not None else Totals(device)
     totals.reset()
     seen = 0
-    bar = progress_bar(loader, desc=desc, leave=False, disable=not progress, unit="batch")
+    bar = progress_bar(loader, desc=progress if isinstance(progress, str) else None,
+                       leave=False, disable=not progress, unit="batch")
     for batch, (x, y) in enumerate(bar, 1):
         x, y = x.to(device), y.to(device)
-        # The steps taken so far: the scheduler counts them across epochs; without one,
-        # the steps of this epoch.
-        step = scheduler.last_epoch if scheduler is not None else batch - 1
-        for hook in hooks:
-            hook.before_step(step)
+        if trainer is not None:
+            trainer.call("before_step")
         if graph is not None and graph.fits(x):
             graph(x, y, optimizer)
         else:
@@ -106,6 +104,9 @@ def train(model: nn.Module, device: torch.device, loader: Loader,
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if trainer is not None:
+            trainer.step += 1
+            trainer.call("after_step")
         seen += len(y)
     total_loss, correct, first_bad = totals.loss, totals.correct, totals.first_bad
     if world > 1:
@@ -225,90 +226,65 @@ def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: in
     return optimizer, scheduler
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides what one training run computes, in one frozen object (as
-    nanoGPT keeps it): ``train_model`` trains it, and its checkpoint is keyed by it, so a
-    checkpoint is only ever continued by the run that made it.
-
-    Examples:
-        >>> config = TrainConfig("group", epochs=5, batch_size=32)
-        >>> config.lr, config.checkpoint_key("fp32", 60000, 1)["batch_size"]
-        (0.05, 32)
-    """
-
-    norm: str = "batch"
-    lambda_l1: float = 0.0
-    num_groups: int = DEFAULTS["num_groups"]
-    epochs: int = DEFAULTS["epochs"]
-    seed: int = DEFAULTS["seed"]
-    batch_size: int = DEFAULTS["batch_size"]
-    lr: float = DEFAULTS["lr"]
-    momentum: float = DEFAULTS["momentum"]
-    weight_decay: float = DEFAULTS["weight_decay"]
-    dropout: float = DEFAULTS["dropout"]
-    precision: str = DEFAULTS["precision"]
-    architecture: Sequence[tuple[str, int, int]] = ARCHITECTURE
-    virtual_batch_size: int | None = None  # images per Batch Norm statistic (None: all)
-    weight_std: bool = False
-    model: ModelSpec | None = None  # a model of your own (None: normlab's Net)
-
-    def __post_init__(self) -> None:
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
-        if self.lambda_l1 < 0:
-            raise ValueError(f"the L1 weight must be >= 0, got {self.lambda_l1}")
-
-    def checkpoint_key(self, precision: str, train_images: int, world: int) -> dict[str, Any]:
-        """What must match for a checkpoint to be continued: the settings, the precision as
-        resolved, the data's size and the world size. Settings at their default that older
-        checkpoints did not record (world size 1, no virtual batches, no WS) are left out,
-        so those checkpoints still resume."""
-        key = dict(norm=self.norm, num_groups=self.num_groups, dropout=self.dropout,
-                   lambda_l1=self.lambda_l1,
-                   architecture=[list(layer) for layer in self.architecture],
-                   epochs=self.epochs, seed=self.seed, batch_size=self.batch_size, lr=self.lr,
-                   momentum=self.momentum, weight_decay=self.weight_decay,
-                   precision=precision, train_images=train_images)
-        key.update({k: v for k, v in (("world_size", world),
-                                      ("virtual_batch_size", self.virtual_batch_size))
-                    if v not in (None, 1)})
-        if self.weight_std:
-            key["weight_std"] = True
-        if self.model is not None:  # architecture and dropout then say nothing
-            key["model"] = self.model.describe()
-        return key
-
-
 class Hook:
-    """Something to do at fixed points of training, as detectron2's ``HookBase``: before
-    every step (with the number of steps taken), after every epoch (with its numbers) and
-    once when training ends, finished or not (to close what the hook opened).
-    ``changes_steps`` says whether ``before_step`` changes what a step computes (a CUDA
-    graph, which replays the first step as captured, then cannot be used).
+    """Something to do at fixed points of training, as detectron2's ``HookBase`` and
+    Lightning's ``Callback``: each method gets the ``Trainer`` (its ``net``, ``optimizer``,
+    ``scheduler``, ``config``, ``epoch``, ``step`` -- the steps taken so far -- ``row``, the
+    epoch's numbers, and ``history``). ``after_train`` runs once when training ends, finished
+    or not (to close what the hook opened). ``state_dict``/``load_state_dict`` are saved in
+    and restored from the training checkpoint. ``changes_steps`` says whether
+    ``before_step`` changes what a step computes (a CUDA graph, which replays the first step
+    as captured, then cannot be used).
 
     Examples:
         >>> class BestAccuracy(Hook):
         ...     best = 0.0
-        ...     def after_epoch(self, epoch, row):
-        ...         self.best = max(self.best, row["test_acc"])
+        ...     def after_epoch(self, trainer):
+        ...         self.best = max(self.best, trainer.row["test_acc"])
+        ...     def state_dict(self):
+        ...         return {"best": self.best}
+        ...     def load_state_dict(self, state):
+        ...         self.best = state["best"]
 
-        ``train_model(config, hooks=[BestAccuracy()])`` then keeps the best test accuracy.
+        ``train_model(config, hooks=[BestAccuracy()])`` then keeps the best test accuracy,
+        across a resume too.
     """
 
     changes_steps = False
 
-    def before_step(self, step: int) -> None:
+    def before_train(self, trainer: Trainer) -> None:
         pass
 
-    def after_epoch(self, epoch: int, row: dict[str, float]) -> None:
+    def before_step(self, trainer: Trainer) -> None:
         pass
 
-    def after_train(self) -> None:
+    def after_step(self, trainer: Trainer) -> None:
+        pass
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        pass
+
+    def after_train(self, trainer: Trainer) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
 
-class RenormHook(Hook):
+# -- the default hooks, in the order they run: what every run does besides its steps
+
+
+class LRSchedule(Hook):
+    """The one-cycle schedule, stepped after every optimizer step."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        trainer.scheduler.step()
+
+
+class RenormLimits(Hook):
     """Batch Renorm's limits on the paper's schedule (``RenormSchedule``), set before every
     step: a function of the step alone, so a resumed run continues exactly."""
 
@@ -317,33 +293,151 @@ class RenormHook(Hook):
     def __init__(self, schedule: RenormSchedule) -> None:
         self.schedule = schedule
 
-    def before_step(self, step: int) -> None:
-        self.schedule.update(step)
+    def before_step(self, trainer: Trainer) -> None:
+        self.schedule.update(trainer.step)
 
 
-class EpochCallback(Hook):
-    """``on_epoch(epoch, row)`` after every epoch: train_model's keyword, as a hook."""
+class AverageRunningStatistics(Hook):
+    """Under torchrun, each process's Batch Norm running statistics averaged once an epoch
+    (DDP does not copy buffers every step: ``_NO_BUFFER_SYNC``)."""
 
-    def __init__(self, on_epoch: Callable[[int, dict[str, float]], None]) -> None:
-        self.on_epoch = on_epoch
-
-    def after_epoch(self, epoch: int, row: dict[str, float]) -> None:
-        self.on_epoch(epoch, row)
+    def after_epoch(self, trainer: Trainer) -> None:
+        if trainer.world > 1:
+            distributed.average_running_stats(trainer.net)
 
 
-@dataclass
-class _Training:
-    """One run's moving parts, made by ``_prepare``."""
+class Evaluate(Hook):
+    """The epoch's test loss and accuracy, and its time (training and this evaluation)."""
 
-    net: nn.Module  # Net, or the model of a ModelSpec
-    model: nn.Module  # net, or net in DistributedDataParallel
-    train_loader: Loader
-    test_loader: Loader
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    key: dict[str, Any]
-    rank: int
-    world: int
+    def after_epoch(self, trainer: Trainer) -> None:
+        test_loss, test_acc = test(trainer.net, trainer.device, trainer.test_loader,
+                                   trainer.precision)
+        trainer.row.update(test_loss=test_loss, test_acc=test_acc,
+                           epoch_time=time.perf_counter() - trainer.epoch_start)
+
+
+class Checkpoint(Hook):
+    """The full training state saved atomically after every epoch (rank 0 only): model,
+    optimizer, schedule, random states, history and every hook's ``state_dict``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if trainer.rank == 0:
+            save_training_state(self.path, trainer.key, trainer.epoch, trainer.net,
+                                trainer.optimizer, trainer.scheduler,
+                                trainer.train_loader.generator, trainer.history,
+                                hooks=trainer.hook_states())
+
+
+HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time")
+
+
+class Trainer:
+    """One run: the seeded model (in DDP under torchrun), its loaders, optimizer and
+    schedule, trained epoch by epoch with ``hooks`` around every step and epoch (the outline
+    is ``run``). The default hooks come first -- the schedule, Batch Renorm's limits,
+    running-statistics averaging, evaluation, the checkpoint -- then the caller's."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, data: Data, *,
+                 name: str | None = None, progress: bool = True,
+                 checkpoint: str | Path | None = None, hooks: Sequence[Hook] = (),
+                 cuda_graph: bool = True) -> None:
+        self.config, self.device, self.name, self.progress = config, device, name, progress
+        self.precision = resolve_precision(config.precision, device)
+        self._build(data)
+        self.epoch = self.step = 0
+        self.row: dict[str, float] = {}
+        self.rows: list[dict[str, float]] = []
+        renorm = RenormSchedule(self.net, config.epochs * len(self.train_loader))
+        self.hooks = [LRSchedule(), *([RenormLimits(renorm)] if renorm.layers else []),
+                      AverageRunningStatistics(), Evaluate(),
+                      *([Checkpoint(checkpoint)] if checkpoint is not None else []), *hooks]
+        self._resume(checkpoint)
+        # A hook that changes the steps (Batch Renorm's limits) rules out replaying a graph.
+        self.graph = graph_step(self.net, config.lambda_l1, device, self.precision, self.world) \
+            if cuda_graph and not any(h.changes_steps for h in self.hooks) else None
+
+    def _build(self, data: Data) -> None:
+        config, device = self.config, self.device
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) \
+            if dist.is_initialized() else (0, 1)
+        parts = virtual_batches_per_process(len(data.train_labels), config.batch_size,
+                                            self.world, config.virtual_batch_size)
+        torch.manual_seed(config.seed)
+        if config.model is None:
+            net = Net(config.norm, num_groups=config.num_groups, dropout=config.dropout,
+                      architecture=config.architecture, virtual_batches=parts,
+                      weight_std=config.weight_std)
+        else:
+            net = config.model.variant(config.norm, config.num_groups, parts,
+                                       config.weight_std, data.in_channels, data.num_classes)
+        self.net = net.to(device)
+        # Plain Batch Norm keeps per-device running statistics: no buffer broadcasts each
+        # step, an average once an epoch instead (AverageRunningStatistics).
+        self.model = self.net if self.world == 1 else DistributedDataParallel(
+            self.net, device_ids=[device] if device.type == "cuda" else None, **_NO_BUFFER_SYNC)
+        self.train_loader, self.test_loader = make_loaders(
+            data, config.batch_size, config.seed, device, shard=(self.rank, self.world))
+        self.optimizer, self.scheduler = make_optimizer(
+            self.net, config.lr, config.epochs, len(self.train_loader), config.momentum,
+            config.weight_decay)
+        self.key = config.checkpoint_key(self.precision, len(self.train_loader.labels),
+                                         self.world)
+
+    def _resume(self, checkpoint: str | Path | None) -> None:
+        state = read_for_ranks(checkpoint, self.rank, self.world)
+        if state is None:
+            return
+        self.epoch, history, hooks = load_training_state(
+            checkpoint, self.key, self.net, self.optimizer, self.scheduler,
+            self.train_loader.generator, state)
+        self.step = self.epoch * len(self.train_loader)
+        self.rows = [dict(zip(history, values, strict=True))
+                     for values in zip(*history.values(), strict=True)]
+        for hook, saved in zip(self.hooks, hooks or [{}] * len(self.hooks), strict=False):
+            hook.load_state_dict(saved)
+
+    @property
+    def history(self) -> History:
+        """The finished epochs' numbers, as lists (``train_model``'s second result)."""
+        done = [r for r in self.rows if all(k in r for k in HISTORY_KEYS)]
+        return {k: [r[k] for r in done] for k in HISTORY_KEYS}
+
+    def hook_states(self) -> list[dict[str, Any]]:
+        return [hook.state_dict() for hook in self.hooks]
+
+    def call(self, event: str) -> None:
+        """Every hook's ``event`` method, in order."""
+        for hook in self.hooks:
+            getattr(hook, event)(self)
+
+    def run(self) -> tuple[nn.Module, History]:
+        """Train the remaining epochs: for each, the steps, then the hooks' ``after_epoch``."""
+        self.call("before_train")
+        try:
+            for epoch in range(self.epoch + 1, self.config.epochs + 1):
+                self.epoch, self.epoch_start = epoch, time.perf_counter()
+                self.row = {"lr": self.optimizer.param_groups[0]["lr"]}
+                self.rows.append(self.row)
+                self._train_epoch()
+                self.call("after_epoch")
+        finally:
+            self.call("after_train")
+        return self.net, self.history
+
+    def _train_epoch(self) -> None:
+        config = self.config
+        name = self.name or config.norm
+        try:
+            self.row["train_loss"], self.row["train_acc"] = train(
+                self.model, self.device, self.train_loader, self.optimizer, config.lambda_l1,
+                progress=self.progress and self.rank == 0 and f"{name} {self.epoch}/"
+                f"{config.epochs}", precision=self.precision, graph=self.graph, trainer=self)
+        except FloatingPointError as exc:
+            raise TrainingDiverged(f"{name}: {exc} in epoch {self.epoch}; try a lower --lr"
+                                   f"{' or --l1' if config.lambda_l1 else ''}") from None
 
 
 def train_model(config: TrainConfig | str = "batch", *, device: str | torch.device | None = None,
@@ -351,7 +445,6 @@ def train_model(config: TrainConfig | str = "batch", *, device: str | torch.devi
                 limit_train: int | None = None, name: str | None = None,
                 progress: bool = True, checkpoint: str | Path | None = None,
                 hooks: Sequence[Hook] = (), cuda_graph: bool = True,
-                on_epoch: Callable[[int, dict[str, float]], None] | None = None,
                 **settings: Any) -> tuple[Net, History]:
     """Train one model from scratch; returns it with per-epoch losses, accuracies and times.
 
@@ -368,13 +461,14 @@ def train_model(config: TrainConfig | str = "batch", *, device: str | torch.devi
     The optimiser and schedule come from ``make_optimizer``. ``precision`` "bf16" trains in
     bfloat16 mixed precision, "auto" does so where the hardware has it (see
     ``resolve_precision``); the default is float32 (docs/performance.md says why).
-    ``hooks`` (``Hook``) run before every step, after every epoch and at the end; ``on_epoch(epoch,
-    row)`` is one, called after each epoch with that epoch's numbers. Batch Renorm's limits
-    follow ``RenormSchedule`` (a hook train_model adds itself).
+    ``hooks`` (``Hook``) see the ``Trainer`` before and after every step, after every epoch
+    (a printed line, a log, early stopping by raising) and at the end, after its own
+    (the schedule, Batch Renorm's limits, evaluation, the checkpoint).
 
     With ``checkpoint``, the full training state (model, optimiser, schedule, RNG states,
-    history) is saved there atomically after every epoch, and an existing checkpoint is
-    resumed from: the result is identical to an uninterrupted run with the same seed.
+    history, the hooks' states) is saved there atomically after every epoch, and an
+    existing checkpoint is resumed from: the result is identical to an uninterrupted run
+    with the same seed.
 
     ``virtual_batch_size=B``: Batch Norm computes its training statistics over each B images
     of a batch, as batch/B devices would (``norms.BatchNorm2d``). ``weight_std``: Weight
@@ -392,88 +486,10 @@ def train_model(config: TrainConfig | str = "batch", *, device: str | torch.devi
     config = TrainConfig(norm=config, **settings) if isinstance(config, str) \
         else replace(config, **settings)
     device = device if isinstance(device, torch.device) else select_device(device)
-    precision = resolve_precision(config.precision, device)
     if data is None:
         data = load_data(data_dir, limit_train=limit_train)
-    t = _prepare(config, precision, device, data)
-    done, history = 0, {k: [] for k in HISTORY_KEYS}
-    state = _read_checkpoint(checkpoint, t.rank, t.world)
-    if state is not None:
-        done, history = load_training_state(checkpoint, t.key, t.net, t.optimizer,
-                                            t.scheduler, t.train_loader.generator, state)
-    renorm = RenormSchedule(t.net, config.epochs * len(t.train_loader))
-    hooks = [*([RenormHook(renorm)] if renorm.layers else []), *hooks,
-             *([EpochCallback(on_epoch)] if on_epoch is not None else [])]
-    # A hook that changes the steps (Batch Renorm's limits) rules out replaying a graph.
-    graph = graph_step(t.net, config.lambda_l1, device, precision, t.world) \
-        if cuda_graph and not any(h.changes_steps for h in hooks) else None
-    try:
-        for epoch in range(done + 1, config.epochs + 1):
-            row = _epoch(t, config, precision, device, graph, hooks, epoch,
-                         name or config.norm, progress)
-            for key, value in row.items():
-                history[key].append(value)
-            if checkpoint is not None and t.rank == 0:
-                save_training_state(checkpoint, t.key, epoch, t.net, t.optimizer,
-                                    t.scheduler, t.train_loader.generator, history)
-            for hook in hooks:
-                hook.after_epoch(epoch, row)
-    finally:
-        for hook in hooks:
-            hook.after_train()
-    return t.net, history
-
-
-HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time")
-
-
-def _prepare(config: TrainConfig, precision: str, device: torch.device, data: Data
-             ) -> _Training:
-    """The seeded model (in DDP under torchrun), its loaders, optimiser and schedule."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    parts = virtual_batches_per_process(len(data.train_labels), config.batch_size, world,
-                                        config.virtual_batch_size)
-    torch.manual_seed(config.seed)
-    if config.model is None:
-        net = Net(config.norm, num_groups=config.num_groups, dropout=config.dropout,
-                  architecture=config.architecture, virtual_batches=parts,
-                  weight_std=config.weight_std).to(device)
-    else:
-        net = config.model.variant(config.norm, config.num_groups, parts, config.weight_std,
-                                   data.in_channels, data.num_classes).to(device)
-    # Plain Batch Norm keeps per-device running statistics: no buffer broadcasts each step,
-    # an average once an epoch instead (distributed.average_running_stats).
-    model = net if world == 1 else DistributedDataParallel(
-        net, device_ids=[device] if device.type == "cuda" else None, **_NO_BUFFER_SYNC)
-    train_loader, test_loader = make_loaders(data, config.batch_size, config.seed, device,
-                                             shard=(rank, world))
-    optimizer, scheduler = make_optimizer(net, config.lr, config.epochs, len(train_loader),
-                                          config.momentum, config.weight_decay)
-    key = config.checkpoint_key(precision, len(train_loader.labels), world)
-    return _Training(net, model, train_loader, test_loader, optimizer, scheduler, key, rank,
-                     world)
-
-
-def _epoch(t: _Training, config: TrainConfig, precision: str, device: torch.device,
-           graph: CudaGraphStep | None, hooks: Sequence[Hook], epoch: int, name: str,
-           progress: bool) -> dict[str, float]:
-    """Train one epoch and test; the epoch's row of the history."""
-    start = time.perf_counter()
-    lr_now = t.optimizer.param_groups[0]["lr"]
-    try:
-        train_loss, train_acc = train(t.model, device, t.train_loader, t.optimizer,
-                                      config.lambda_l1, t.scheduler,
-                                      desc=f"{name} {epoch}/{config.epochs}",
-                                      progress=progress and t.rank == 0, precision=precision,
-                                      graph=graph, hooks=hooks)
-    except FloatingPointError as exc:
-        raise TrainingDiverged(f"{name}: {exc} in epoch {epoch}; try a lower --lr"
-                               f"{' or --l1' if config.lambda_l1 else ''}") from None
-    if t.world > 1:
-        distributed.average_running_stats(t.net)
-    test_loss, test_acc = test(t.net, device, t.test_loader, precision)
-    return dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
-                test_acc=test_acc, lr=lr_now, epoch_time=time.perf_counter() - start)
+    return Trainer(config, device, data, name=name, progress=progress, checkpoint=checkpoint,
+                   hooks=hooks, cuda_graph=cuda_graph).run()
 
 
 # DDP must not copy rank 0's buffers to the others every step. torch >= 2.13 spells this
@@ -481,43 +497,3 @@ def _epoch(t: _Training, config: TrainConfig, precision: str, device: torch.devi
 _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                    inspect.signature(DistributedDataParallel).parameters
                    else {"broadcast_buffers": False})
-
-
-def virtual_batches_per_process(train_images: int, batch_size: int, world: int = 1,
-                                virtual_batch_size: int | None = None) -> int:
-    """Check that every batch can be cut into ``world`` device parts and each part into
-    virtual batches; return how many virtual batches each process's batch holds (1: none).
-
-    The global batch must be a multiple of the world size, so that K processes train on
-    exactly the batches one process would; every part of the last, short batch must hold an
-    image (an empty part has no statistics).
-    """
-    if batch_size % world:
-        raise UsageError(f"the global batch of {batch_size} images does not split over "
-                         f"{world} processes; choose a --batch-size that {world} divides")
-    per_process = batch_size // world
-    parts = 1
-    if virtual_batch_size is not None:
-        if virtual_batch_size <= 0 or per_process % virtual_batch_size:
-            where = f" per process ({batch_size} over {world})" if world > 1 else ""
-            raise UsageError(f"--virtual-batch-size {virtual_batch_size} does not divide the "
-                             f"batch of {per_process} images{where}; choose a divisor of "
-                             f"{per_process}")
-        parts = per_process // virtual_batch_size
-    last = train_images % batch_size
-    if last and last < world * parts:
-        raise UsageError(f"the last batch holds {last} of the {train_images:,} training "
-                         f"images, too few to give each of {world * parts} parts one; "
-                         f"change --limit-train or --batch-size")
-    return parts
-
-
-def _read_checkpoint(path: str | Path | None, rank: int, world: int) -> bytes | None:
-    """The checkpoint's bytes on every rank, or None without one: rank 0 reads the file
-    (only it writes files) and sends it to the others, who may be on other machines."""
-    if path is None:
-        return None
-    blob = Path(path).read_bytes() if rank == 0 and Path(path).exists() else None
-    if world > 1:
-        blob = distributed.broadcast_bytes(blob) or None
-    return blob

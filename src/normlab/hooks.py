@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .engine import Hook
+from .engine import Hook, Trainer
 from .progress import tqdm
 
 
@@ -15,8 +15,9 @@ class EpochLines(Hook):
     def __init__(self, label: str, epochs: int, split: str) -> None:
         self.label, self.epochs, self.split = label, epochs, split
 
-    def after_epoch(self, epoch: int, row: dict[str, float]) -> None:
-        tqdm.write(f"  {self.label} epoch {epoch:2d}/{self.epochs}  lr {row['lr']:.4f}  "
+    def after_epoch(self, trainer: Trainer) -> None:
+        row = trainer.row
+        tqdm.write(f"  {self.label} epoch {trainer.epoch:2d}/{self.epochs}  lr {row['lr']:.4f}  "
                    f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
                    f"{self.split} loss {row['test_loss']:.4f} "
                    f"acc {row['test_acc']:6.2f}%  {row['epoch_time']:5.1f}s")
@@ -30,14 +31,15 @@ class TensorBoard(Hook):
 
         self.board, self.split = SummaryWriter(log_dir=str(folder)), split
 
-    def after_epoch(self, epoch: int, row: dict[str, float]) -> None:
+    def after_epoch(self, trainer: Trainer) -> None:
+        row = trainer.row
         for name, value in (("loss/train", row["train_loss"]),
                             (f"loss/{self.split}", row["test_loss"]),
                             ("accuracy/train", row["train_acc"]),
                             (f"accuracy/{self.split}", row["test_acc"]),
                             ("learning_rate", row["lr"])):
-            self.board.add_scalar(name, value, epoch)
+            self.board.add_scalar(name, value, trainer.epoch)
         self.board.flush()  # so that a live `tensorboard --logdir` shows every epoch
 
-    def after_train(self) -> None:
+    def after_train(self, trainer: Trainer) -> None:
         self.board.close()

@@ -12,14 +12,16 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 from .checkpoint import atomic_write
-from .engine import Misclassified
+
+if TYPE_CHECKING:  # the type only: plots imports nothing that trains
+    from .engine import Misclassified
 
 History = Mapping[str, Sequence[float]]
 
