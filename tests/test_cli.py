@@ -75,7 +75,7 @@ def test_compare_refuses_to_overwrite_a_finished_run(tiny_mnist, tmp_path, capsy
     (["--l1", "-0.1"], "argument --l1: must be >= 0"),
     (["--lr", "fast"], "argument --lr: expected a number"),
     (["--variants", "bn", "wn"], "argument --variants: invalid choice: 'wn'"),
-    (["--num-groups", "3"], "num_groups=3 does not divide layer conv1's 8 channels"),
+    (["--num-groups", "3"], "layer conv1: num_groups=3 does not divide 8 channels"),
     (["--num-groups", "0"], "argument --num-groups: must be positive"),
     (["--device", "tpu"], "unknown device 'tpu'"),
 ])

@@ -57,9 +57,9 @@ def test_unknown_norm_lists_the_choices():
 
 
 def test_num_groups_must_divide_each_layer():
-    with pytest.raises(ValueError, match="num_groups=3 does not divide layer conv1's 8 channels"):
+    with pytest.raises(ValueError, match="layer conv1: num_groups=3 does not divide 8 channels"):
         Net("group", num_groups=3)
-    with pytest.raises(ValueError, match="num_groups=8 does not divide layer conv3's 12"):
+    with pytest.raises(ValueError, match="layer conv3: num_groups=8 does not divide 12"):
         Net("group", num_groups=8)
     Net("batch", num_groups=3)  # only group norm cares
 

@@ -440,3 +440,115 @@ def test_batch_statistics_normalise_each_group_of_the_test_batch_and_keep_runnin
     assert not model.training and not model[1].training
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+# -- a normalization registered from outside: one record, usable everywhere
+
+
+class PixelNorm(nn.Module):
+    """Each position's channel vector divided by its root mean square (Karras et al. 2018):
+    batch-independent, a normalization none of normlab's own records describe."""
+
+    def __init__(self, num_features: int, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale * self.weight.view(shape) + self.bias.view(shape)
+
+
+class BatchScale(nn.Module):
+    """Each channel divided by its mean square over (N, H, W): batch-dependent, keeping a
+    running ``running_var`` updated with ``momentum`` as Batch Norm's contract asks."""
+
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features, self.momentum, self.eps = num_features, momentum, eps
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            var = x.pow(2).mean((0, 2, 3))
+            with torch.no_grad():
+                self.running_var.lerp_(var, self.momentum)
+        else:
+            var = self.running_var
+        return x * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+
+
+@pytest.fixture
+def outside_norms():
+    """Two records registered as a user would, removed again afterwards."""
+    from normlab.norms import NORMS, Norm, register
+    from normlab.variants import VARIANTS
+
+    register(Norm("pixel", lambda c, g, k, d, **o: PixelNorm(c, **o), "Pixel Norm",
+                  (PixelNorm,)))
+    register(Norm("batchscale", lambda c, g, k, d, **o: BatchScale(c, **o), "Batch Scale",
+                  (BatchScale,), batch_dependent=True, dims=(2,)), variant="bs")
+    yield
+    for table, key in ((NORMS, "pixel"), (NORMS, "batchscale"), (VARIANTS, "pixel"),
+                       (VARIANTS, "bs")):
+        del table[key]
+
+
+def test_a_registered_norm_works_in_net_convert_ws_and_precise_bn(outside_norms):
+    from normlab.norms import NORMS, Norm, register, standardize_weights
+
+    net = Net("pixel")
+    assert sum(isinstance(m, PixelNorm) for m in net.modules()) == 7
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    # convert puts it in, recognises it as a normalization and takes it out again
+    model = nn.Sequential(nn.Conv1d(2, 6, 3), nn.BatchNorm1d(6), nn.ReLU(), nn.Conv1d(6, 2, 1))
+    convert(model, "pixel")
+    assert isinstance(model[1], PixelNorm) and model[1].num_features == 6
+    convert(model, "group", num_groups=3)
+    assert isinstance(model[1], nn.GroupNorm) and model[1].num_groups == 3
+    convert(model, "pixel")
+    assert [type(m).__name__ for m in standardize_weights(model)] == \
+        ["StdConv1d", "PixelNorm", "ReLU", "Conv1d"]
+    # its dimensions, stated once in its record, are checked by make_norm and convert
+    with pytest.raises(ValueError, match="batchscale is defined for 2-D maps"):
+        make_norm("batchscale", 4, dims=3)
+    with pytest.raises(ValueError, match=r"BatchNorm1d on 1-D maps, where batchscale"):
+        convert(nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4)), "batchscale")
+    # precise_bn: the running statistic becomes the average of the batches' (by hand)
+    layer = nn.Sequential(nn.Conv2d(2, 3, 1), make_norm("batchscale", 3))
+    batches = [torch.randn(5, 2, 4, 4) + i for i in range(3)]
+    assert precise_bn(layer, batches) == 3
+    with torch.no_grad():
+        expected = torch.stack([layer[0](x).pow(2).mean((0, 2, 3)) for x in batches]).mean(0)
+    torch.testing.assert_close(layer[1].running_var, expected, rtol=1e-6, atol=1e-6)
+    with batch_statistics(layer), torch.no_grad():  # eval with the batch's own statistic
+        x = batches[0]
+        y = layer[0](x)
+        torch.testing.assert_close(layer(x), y * torch.rsqrt(y.pow(2).mean((0, 2, 3)) + 1e-5)
+                                   .view(1, -1, 1, 1))
+    # normlab's own names stay normlab's
+    with pytest.raises(ValueError, match="one of normlab's own norms"):
+        register(Norm("group", NORMS["pixel"].build, "Mine", (PixelNorm,)))
+    with pytest.raises(ValueError, match="variant name 'gn' is taken by Group Norm"):
+        register(Norm("mine", NORMS["pixel"].build, "Mine", (PixelNorm,)), variant="gn")
+
+
+def test_a_registered_norm_is_a_variant_of_every_study(outside_norms, tiny_mnist, tmp_path):
+    import normlab
+    from normlab import evaluate
+
+    _, folder = tiny_mnist
+    record, out = normlab.run("compare", variants=["pixel", "bs"], epochs=1, batch_size=32,
+                              data_dir=str(folder), out=str(tmp_path / "run"), no_progress=True,
+                              device="cpu")
+    assert set(record["variants"]) == {"pixel", "bs"}
+    assert "Pixel Norm" in (out / "report.md").read_text()
+    model, how = evaluate.load_trained(out / "bs-seed1.safetensors", torch.device("cpu"))
+    assert how.images_per_statistic == 32 and evaluate.batch_dependent(model)
+    data = normlab.data.load_data(folder)
+    accuracies = {mode: evaluate.evaluate_model(model, data, how, mode, torch.device("cpu"),
+                                                precise_images=64)
+                  for mode in ("running", "precise", "batch")}
+    assert len(accuracies) == 3

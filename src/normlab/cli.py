@@ -27,7 +27,7 @@ import torch
 from . import __version__, distributed, evaluate, explain, modelspec
 from .checkpoint import WEIGHTS_SUFFIX, convert_weights, write_json
 from .device import select_device
-from .errors import UsageError, error_line
+from .errors import UsageError, error_line, first_line
 from .experiments import registry
 from .experiments.sweep import Sweep, extend_record
 from .folder import run_lock
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         lost = distributed.lost_ranks(ranks)
         who = (f"rank {', '.join(map(str, lost))} stopped or lost contact" if lost else
-               f"another rank stopped or lost contact ({str(exc).splitlines()[0][:120]})")
+               f"another rank stopped or lost contact ({first_line(exc, 120)})")
         parser.exit(1, f"{me}error: {who}; every finished epoch is saved{_resume(args, ranks)}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"\n{me}interrupted; every finished epoch is saved"

@@ -24,15 +24,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchRenorm, _BatchStatistics
-from .normact import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNorm2d, NormAct, StdConv2d
-from .norms import Norm, make_norm, norm_record
+from .batchnorm import _BatchRenorm, _BatchStatistics, twin_of
+from .errors import UsageError
+from .normact import NormAct, StdConv2d
+from .norms import NORMS, Norm, layer_types, make_norm, norm_record
 
 __all__ = ["convert", "to_torch"]
 
-SOURCES = (_BatchNorm, nn.GroupNorm, _InstanceNorm, FilterResponseNorm2d, EvoNorm2dB0,
-           EvoNorm2dS0)
-_ACT_LAYERS = (FilterResponseNorm2d, EvoNorm2dB0, EvoNorm2dS0)  # keep their own eps
+_TORCH_NORMS = (_BatchNorm, nn.GroupNorm, _InstanceNorm)
 _NOT_CONVERTIBLE = {  # normalizations over other axes than (channel, spatial): no target fits
     nn.LayerNorm: "normalise over their last dimension(s), not over channels and positions",
     nn.LocalResponseNorm: "normalise across neighbouring channels, with no scale or shift",
@@ -41,8 +40,7 @@ _NOT_CONVERTIBLE = {  # normalizations over other axes than (channel, spatial): 
 }
 _CONV_DIMS = {nn.Conv1d: 1, nn.ConvTranspose1d: 1, nn.Conv2d: 2, nn.ConvTranspose2d: 2,
               nn.Conv3d: 3, nn.ConvTranspose3d: 3}
-_LAYER_DIMS = ((1, (nn.BatchNorm1d, nn.InstanceNorm1d)),
-               (2, (nn.BatchNorm2d, nn.InstanceNorm2d, *_ACT_LAYERS)),
+_TORCH_DIMS = ((1, (nn.BatchNorm1d, nn.InstanceNorm1d)), (2, (nn.BatchNorm2d, nn.InstanceNorm2d)),
                (3, (nn.BatchNorm3d, nn.InstanceNorm3d)))
 _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
           "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
@@ -150,17 +148,14 @@ def convert(model: nn.Module, norm: str, num_groups: int = 4, virtual_batches: i
                              "PyTorch's own layers with their settings")
         return to_torch(model, skip=skip, report=report, dry_run=dry_run)
     record = norm_record(norm)
-    if virtual_batches < 1:
-        raise ValueError(f"virtual_batches must be >= 1, got {virtual_batches}")
-    if virtual_batches > 1 and record.synchronized:
-        raise ValueError("synchronized Batch Norm computes over the whole global batch; it "
-                         "does not combine with virtual batches")
+    # The settings that hold whatever a layer's channels and dimension (each layer's: below).
+    record.check(max(num_groups, 1), num_groups, virtual_batches, record.dims[0])
 
     def decide(step: _Step, dims: int | None) -> nn.Module | _Refusal:
         return _replacement(step, record, num_groups, virtual_batches, dims, options)
 
     return _run(model, decide, skip, report, dry_run, f"convert to {norm!r}",
-                (*SOURCES, *_NOT_CONVERTIBLE), absorb_relu=norm if record.activation else None,
+                (*_sources(), *_NOT_CONVERTIBLE), absorb_relu=norm if record.activation else None,
                 strangers=True)
 
 
@@ -185,7 +180,7 @@ def to_torch(model: nn.Module, *, skip: tuple[type[nn.Module], ...] = (),
     ``virtual_batches``.
     """
     return _run(model, _torch_twin, skip, report, dry_run, "convert to plain torch",
-                (_BatchStatistics, *_ACT_LAYERS, StdConv2d), absorb_relu=None)
+                (_BatchStatistics, *_untwinned(), StdConv2d), absorb_relu=None)
 
 
 # -- plan, then apply
@@ -269,9 +264,21 @@ def _find(model: nn.Module, targets: tuple[type, ...], skip: tuple[type[nn.Modul
     return list(steps.values()), dims
 
 
+def _sources() -> tuple[type[nn.Module], ...]:
+    """The layers convert replaces: PyTorch's norms and every record's (registered too)."""
+    return (*_TORCH_NORMS, *layer_types())
+
+
+def _untwinned() -> tuple[type[nn.Module], ...]:
+    """The records' layers that PyTorch has no layer for (FRN, EvoNorm, registered ones)."""
+    return tuple(t for t in layer_types() if not issubclass(t, _TORCH_NORMS))
+
+
 def _layer_dims(layer: nn.Module) -> int | None:
     """The input dimension a layer is built for: 1, 2, 3, or None where it takes any."""
-    return next((d for d, types in _LAYER_DIMS if isinstance(layer, types)), None)
+    torch_dims = next((d for d, types in _TORCH_DIMS if isinstance(layer, types)), None)
+    return torch_dims or next((n.dims[0] for n in NORMS.values()
+                               if len(n.dims) == 1 and isinstance(layer, n.layers)), None)
 
 
 def _refused_type(layer: nn.Module) -> _Refusal | None:
@@ -295,10 +302,11 @@ def _norm_act(step: _Step) -> _Refusal | None:
     """A torch norm whose ``forward`` another library overrides does more than normalize:
     timm's norm-act layers (``BatchNormAct2d``, ``GroupNormAct``, ``SyncBatchNormAct``)
     apply their ``drop`` and ``act`` modules after it, which ``step.after`` keeps for the
-    replacement. Any other override is refused by name: what it adds cannot be read."""
+    replacement. Any other override is refused by name: what it adds cannot be read. A
+    registered record's layer is the normalization its ``forward`` says."""
     layer = step.old
     owner = next(k for k in type(layer).__mro__ if "forward" in vars(k))
-    if owner.__module__.split(".")[0] in ("torch", "normlab"):
+    if owner.__module__.split(".")[0] in ("torch", "normlab") or owner in layer_types():
         return None
     children = set(layer._modules)
     if children and children <= {"act", "drop"}:
@@ -399,8 +407,10 @@ def _replacement(step: _Step, record: Norm, num_groups: int, virtual_batches: in
         seen = f"{dims}-D maps" if dims else "maps of a dimension convert cannot tell (no " \
             "convolution before them)"
         return _Refusal(f"{kind.__name__} on {seen}, where {record.name} is defined for "
-                        f"2-D maps (N, C, H, W) only", "choose another target", kind)
-    if record.grouped and channels % num_groups:
+                        f"{record.maps} only", "choose another target", kind)
+    try:
+        record.check(channels, num_groups, virtual_batches, dims)
+    except UsageError:  # the only rule left to break: the groups
         return _Refusal(f"of {channels} channels, which num_groups={num_groups} does not divide",
                         "pick a num_groups that divides every layer's channels")
     settings, notes = _carried(old, record)
@@ -433,7 +443,7 @@ def _carried(old: nn.Module, record: Norm) -> tuple[dict, list[str]]:
     """The settings of ``old`` that the target keeps, and notes on those it cannot."""
     settings: dict = {}
     notes: list[str] = []
-    if "eps" in record.settings and not isinstance(old, _ACT_LAYERS):
+    if "eps" in record.settings and isinstance(old, _TORCH_NORMS):  # others mean another eps
         settings["eps"] = old.eps
     affine = getattr(old, "affine", True)
     if "affine" in record.settings:
@@ -492,13 +502,9 @@ def _move_hooks(old: nn.Module, new: nn.Module) -> None:
 
 # -- back to PyTorch's own layers
 
-_TORCH_BATCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_NORMLAB_BATCH = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
-
-
 def _torch_twin(step: _Step, dims: int | None) -> nn.Module | _Refusal | None:
     old = step.old
-    if isinstance(old, _ACT_LAYERS):
+    if isinstance(old, _untwinned()):
         return _Refusal(f"{type(old).__name__}, which PyTorch has no layer for",
                         "keep normlab installed where the model runs, or convert them to "
                         "another norm first", type(old))
@@ -530,33 +536,3 @@ def _torch_twin(step: _Step, dims: int | None) -> nn.Module | _Refusal | None:
         notes.append("nn.SyncBatchNorm is torch's Batch Norm of any dimension: in training "
                      "under torch.distributed it synchronizes")
     return twin
-
-
-def twin_of(layer: _BatchStatistics, dims: int | None = None, share: bool = False
-            ) -> nn.Module | str:
-    """PyTorch's layer that computes what ``layer`` computes in eval mode, with its settings,
-    state and mode: copies of its tensors, or with ``share`` the very same ones (for
-    TorchScript). A string says why there is none."""
-    dims = _layer_dims(layer) or dims
-    settings = dict(eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
-                    track_running_stats=layer.track_running_stats)
-    if layer.sync or dims is None:
-        if share:
-            return (f"{type(layer).__name__} with sync=True, or of any dimension, whose "
-                    f"PyTorch twin nn.SyncBatchNorm TorchScript cannot compile")
-        twin = nn.SyncBatchNorm(layer.num_features, process_group=layer.process_group,
-                                **settings)
-    else:
-        twin = _TORCH_BATCH[dims](layer.num_features, **settings)
-    if share:
-        twin._parameters, twin._buffers = layer._parameters, layer._buffers
-    else:
-        state = next(iter(layer.parameters()), None)
-        state = state if state is not None else next(iter(layer.buffers()), None)
-        if state is not None:  # first, so that the state is copied at its own precision
-            twin.to(device=state.device, dtype=state.dtype)
-        twin.load_state_dict(layer.state_dict())
-        for key, param in twin.named_parameters():
-            param.requires_grad_(getattr(layer, key).requires_grad)
-    return twin.train(layer.training)
-

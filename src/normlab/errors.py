@@ -26,6 +26,16 @@ class WorkerDied(Exception):
     """A --jobs worker (or a launched part of an experiment) ended without finishing."""
 
 
+def first_line(exc: BaseException, limit: int = 200, *, joined: bool = False) -> str:
+    """An exception's message as one line of at most ``limit`` characters: its first line
+    (``joined``: every line, for messages such as PyTorch's "Error(s) in loading
+    state_dict", whose following lines say what did not fit), or its type's name where it
+    says nothing: the part of a one-line error that quotes a library."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = (" ".join(lines) if joined else lines[0]) if lines else type(exc).__name__
+    return text[:limit]
+
+
 def disk_full(exc: BaseException) -> bool:
     """A write that failed for want of space (full disk, or quota)."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

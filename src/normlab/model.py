@@ -131,11 +131,10 @@ class Net(nn.Module):
                 continue
             if out_ch <= 0 or kernel <= 0:
                 raise UsageError(f"layer {name}: channels and kernel must be positive")
-            if record.grouped and out_ch % num_groups:
-                raise UsageError(
-                    f"num_groups={num_groups} does not divide layer {name}'s {out_ch} "
-                    f"channels; pick a divisor of {out_ch}"
-                )
+            try:
+                record.check(out_ch, num_groups, virtual_batches)
+            except UsageError as exc:
+                raise UsageError(f"layer {name}: {exc}") from None
             conv = StdConv2d if weight_std and norm != "none" else nn.Conv2d
             block = [conv(in_ch, out_ch, kernel, bias=norm == "none"),
                      make_norm(norm, out_ch, num_groups, virtual_batches)]

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from .convert import convert
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .model import count_parameters
-from .normact import standardize_weights
 from .variants import VARIANTS
+from .weightstd import standardize_weights
 
 
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
@@ -112,13 +112,13 @@ class ModelSpec:
             except Exception as exc:
                 del sys.modules[name]
                 raise UsageError(f"--model {self.spec}: {where} fails to import "
-                                 f"({type(exc).__name__}: {_first_line(exc)})") from None
+                                 f"({type(exc).__name__}: {first_line(exc)})") from None
             return module
         try:
             return importlib.import_module(where)
         except Exception as exc:
             raise UsageError(f"--model {self.spec}: cannot import {where} "
-                             f"({type(exc).__name__}: {_first_line(exc)}); install it or "
+                             f"({type(exc).__name__}: {first_line(exc)}); install it or "
                              f"give a path/to/file.py") from None
 
     def callable(self) -> Callable[..., Any]:
@@ -182,7 +182,7 @@ class ModelSpec:
             model = target(**kwargs)
         except Exception as exc:
             raise UsageError(f"--model {self.spec}: building it failed "
-                             f"({type(exc).__name__}: {_first_line(exc)}); check "
+                             f"({type(exc).__name__}: {first_line(exc)}); check "
                              f"--model-arg") from None
         if not isinstance(model, nn.Module):
             raise UsageError(f"--model {self.spec}: returned a {type(model).__name__}, not "
@@ -338,7 +338,7 @@ def _forward(spec: ModelSpec, name: str, model: nn.Module, x: torch.Tensor, fix:
             return model.train()(x)
     except Exception as exc:
         raise UsageError(f"--model {spec.spec} ({name}): a batch of shape {tuple(x.shape)} "
-                         f"fails in forward ({type(exc).__name__}: {_first_line(exc)})"
+                         f"fails in forward ({type(exc).__name__}: {first_line(exc)})"
                          f"{_channel_hint(spec, model, x) or fix}") from None
 
 
@@ -375,8 +375,3 @@ def _channel_hint(spec: ModelSpec, model: nn.Module, example: torch.Tensor) -> s
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

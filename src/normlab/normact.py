@@ -14,15 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import at_least_fp32
+
 
 def _per_channel(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A (C,) parameter shaped to broadcast over (N, C, H, W), in ``x``'s dtype."""
     return param.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in at least float32, for statistics (bfloat16 inputs under autocast)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _act_repr(layer: nn.Module) -> str:
@@ -79,7 +76,7 @@ class FilterResponseNorm2d(_NotScriptable, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_2d(self, x)
         # mean over H, W of x^2 as one fused reduction (a norm), then one fused multiply-add
-        nu2 = torch.linalg.vector_norm(_wide(x), dim=(2, 3), keepdim=True).square() \
+        nu2 = torch.linalg.vector_norm(at_least_fp32(x), dim=(2, 3), keepdim=True).square() \
             / (x.shape[2] * x.shape[3])
         scale = torch.rsqrt(nu2 + self.eps).to(x.dtype) * _per_channel(self.weight, x)
         y = torch.addcmul(_per_channel(self.bias, x), x, scale)
@@ -165,7 +162,7 @@ class EvoNorm2dB0(_NotScriptable, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_2d(self, x)
-        var, mean = torch.var_mean(_wide(x), (2, 3), correction=0, keepdim=True)
+        var, mean = torch.var_mean(at_least_fp32(x), (2, 3), correction=0, keepdim=True)
         batch = self._batch_var(mean, var, x) if self.training \
             else _per_channel(self.running_var, var)
         left = (batch + self.eps).sqrt().to(x.dtype)
@@ -210,7 +207,7 @@ class EvoNorm2dS0(_NotScriptable, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_2d(self, x)
         n, c = x.shape[:2]
-        var, _ = torch.var_mean(_wide(x).reshape(n, self.groups, -1), 2, correction=0,
+        var, _ = torch.var_mean(at_least_fp32(x).reshape(n, self.groups, -1), 2, correction=0,
                                 keepdim=True)
         inv = torch.rsqrt(var + self.eps).expand(n, self.groups, c // self.groups)
         scale = inv.reshape(n, c, 1, 1).to(x.dtype) * _per_channel(self.weight, x)
@@ -300,63 +297,3 @@ class StdConv3d(_WeightStandardized, nn.Conv3d):
     def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.eps = eps
-
-
-_STD_CONV = {nn.Conv1d: StdConv1d, nn.Conv2d: StdConv2d, nn.Conv3d: StdConv3d}
-
-
-_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, FilterResponseNorm2d,
-                EvoNorm2dB0, EvoNorm2dS0)
-
-
-def standardize_weights(model: nn.Module, eps: float = 1e-6) -> nn.Module:
-    """Give Weight Standardization to every ``nn.Conv1d/2d/3d`` of ``model`` that a
-    normalization layer follows (the next convolution or norm registered after it is a
-    norm), in place, as Qiao et al. use it: the norm after it supplies the scale WS removes.
-    Other convolutions (a classifier) stay plain. Each becomes ``StdConv1d/2d/3d`` holding
-    the very same ``weight`` and ``bias`` parameters (so their values, ``requires_grad`` and
-    any optimizer state stay), settings, mode and hooks; a convolution used in several
-    places stays one module. Draws no random numbers, so the model's seed gives the same
-    training as a model built with ``StdConv`` layers from the start. Returns the model (a
-    new one if ``model`` itself is a convolution, which is then always standardised).
-    ``standardize_weights(convert(resnet, "group"))`` is GN+WS (Qiao et al.).
-
-    Examples:
-        >>> model = nn.Sequential(nn.Conv1d(2, 8, 3), nn.BatchNorm1d(8),
-        ...                       nn.Conv1d(8, 4, 1))
-        >>> [type(m).__name__ for m in standardize_weights(model)]
-        ['StdConv1d', 'BatchNorm1d', 'Conv1d']
-    """
-    done: dict[int, nn.Module] = {}
-
-    def swap(conv: nn.Module) -> nn.Module:
-        if id(conv) not in done:
-            cls = _STD_CONV[type(conv)]
-            # Built on the meta device: its initialisation draws no random numbers and
-            # allocates nothing; its parameters are then the old ones.
-            new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                conv.padding_mode, eps=eps, device="meta")
-            new.weight, new.bias = conv.weight, conv.bias
-            new.train(conv.training)
-            for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                          "_backward_pre_hooks", "_forward_hooks_with_kwargs",
-                          "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
-                setattr(new, hooks, getattr(conv, hooks))
-            done[id(conv)] = new
-        return done[id(conv)]
-
-    if type(model) in _STD_CONV:
-        return swap(model)
-    chosen, last = set(), None
-    for module in model.modules():  # registration order, each module once
-        if type(module) in _STD_CONV:
-            last = module
-        elif isinstance(module, _NORM_LAYERS) and last is not None:
-            chosen.add(id(last))
-            last = None
-    for parent in list(model.modules()):
-        for key, child in list(parent._modules.items()):
-            if child is not None and id(child) in chosen:
-                setattr(parent, key, swap(child))
-    return model

@@ -106,8 +106,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    "$NORMLAB_DATA for mnist, $NORMLAB_FASHION_MNIST_DATA or Debian's "
                    "dataset-fashion-mnist for fashion-mnist, else a per-user cache; missing "
                    "files are downloaded)")
-    p.add_argument("--augment", choices=list(AUGMENTS), help="the training augmentation "
-                   "(default: affine for one-channel images, crop-flip for colour images, "
+    p.add_argument("--augment", choices=list(AUGMENTS), help="the training augmentation: "
+                   + "; ".join(f"{a.name}: {a.what}" for a in AUGMENTS.values())
+                   + " (default: affine for one-channel images, crop-flip for colour images, "
                    "none for signals and volumes)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

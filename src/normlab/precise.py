@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import sum_over_ranks
-from .normact import EvoNorm2dB0
+from .norms import layer_types
 
 __all__ = ["batch_statistics", "precise_bn", "statistics_seen"]
 
@@ -26,11 +26,12 @@ Input = str | int | Callable[[Any], torch.Tensor] | None
 
 def _batch_dependent(model: nn.Module) -> list[nn.Module]:
     """The layers whose output depends on the other images of the batch in training and
-    that keep running statistics for eval: Batch Norm (every kind), Batch Renorm,
-    EvoNorm-B0."""
+    that keep running statistics for eval: PyTorch's Batch Norms that track them, and every
+    batch-dependent record's layers (Batch Renorm, EvoNorm-B0, registered ones)."""
+    records = layer_types(batch_dependent=True)
     return [m for m in model.modules()
-            if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None)
-            or isinstance(m, EvoNorm2dB0)]
+            if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None)
+            or (isinstance(m, records) and getattr(m, "running_var", None) is not None)]
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 from ..progress import shown
 from .idx import DatasetSpec, default_data_dir
 
@@ -109,7 +109,7 @@ def _download(which: CifarArchive, root: Path) -> Path:
                         f"writable --data-dir") from None
     except ValueError as exc:  # pooch: the download's hash is not the published one
         raise DataError(f"{url}: the download is not the published {which.name} archive "
-                        f"({str(exc).splitlines()[0][:120]}); try again later, or put the "
+                        f"({first_line(exc, 120)}); try again later, or put the "
                         f"archive in {root} yourself") from None
     except (requests.RequestException, OSError) as exc:
         raise DataError(f"{which.archive}: not in {root} and the download from {url} failed "

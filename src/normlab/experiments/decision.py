@@ -182,10 +182,12 @@ def figure(last: dict[str, Any], margin: float, title: str, path: Path) -> Figur
     ax.set_yticks(range(len(options)),
                   [f"{label(o)} ({last['verdicts'][o]})" for o in options])
     ax.set_xlim(*span)
-    ax.set_xlabel("θ: test error minus the best other option's (points); "
+    ax.set_xlabel("θ: test error minus the best other option's (points)\n"
                   "simultaneous 95 % intervals", fontsize=9)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    # The title on two lines at its colon, the legend below the axes: long option and
+    # network names otherwise push both out of the figure.
+    fig.suptitle(title.replace(": ", ":\n", 1), fontsize=10)
+    fig.legend(loc="outside lower center", fontsize=8)
     fig.savefig(path, dpi=DPI)
     return fig
 

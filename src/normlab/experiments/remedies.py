@@ -29,7 +29,7 @@ from ..checkpoint import atomic_write
 from ..data import Data, shown_dataset
 from ..errors import UsageError
 from ..evaluate import DEFAULT_PRECISE_IMAGES
-from ..model import Net
+from ..model import Net, count_parameters
 from ..norms import NORMS
 from ..options import add_run_options, positive_int
 from ..plots import draw_errors, with_note
@@ -464,8 +464,8 @@ def _parameter_lines(record: dict[str, Any]) -> list[str]:
     cfg = record["config"]
     names = [*cfg["variants"], *cfg.get("references", [])]
     counts = cfg["model"]["parameters"] if "model" in cfg else {
-        v: sum(p.numel() for p in Net(VARIANTS[v].norm, num_groups=cfg["num_groups"],
-                                      weight_std=VARIANTS[v].weight_std).parameters())
+        v: count_parameters(Net(VARIANTS[v].norm, num_groups=cfg["num_groups"],
+                                weight_std=VARIANTS[v].weight_std))
         for v in names}
     return ["## Parameters", "",
             "| variant | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
