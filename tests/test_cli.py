@@ -351,3 +351,17 @@ def test_report_draws_missing_misclassified_grids_again_from_the_record(mnist_di
     for variant in ("bn+l1", "ln", "gn"):
         drawn, committed = (imread(d / f"misclassified_{variant}.png") for d in (copy, results))
         assert (drawn == committed).all(), variant
+
+
+def test_every_subcommand_prints_its_help(capsys):
+    """Each subcommand's --help renders (argparse formats help texts with %: a stray one
+    breaks that subcommand's help and the CLI reference)."""
+    from normlab.cli import build_parser, main
+
+    commands = list(build_parser()._subparsers._group_actions[0].choices)
+    assert {"compare", "remedies", "recommend", "report", "explain"} <= set(commands)
+    for command in commands:
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0, command
+        assert f"usage: normlab {command}" in capsys.readouterr().out

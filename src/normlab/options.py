@@ -108,6 +108,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    "files are downloaded)")
     p.add_argument("--augment", choices=list(AUGMENTS), help="the training augmentation: "
                    + "; ".join(f"{a.name}: {a.what}" for a in AUGMENTS.values())
+                   .replace("%", "%%")  # argparse formats help with %
                    + " (default: affine for one-channel images, crop-flip for colour images, "
                    "none for signals and volumes)")
     p.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
