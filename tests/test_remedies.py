@@ -5,6 +5,7 @@ its report's paired differences against a recomputation from the record, and bad
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,16 @@ def test_a_report_shows_no_folder_of_the_machine_that_made_it():
     assert shown_command("normlab remedies --jobs 2 --out /work/study-out/mnist --no-progress") \
         == "normlab remedies --jobs 2 --out OUTDIR --no-progress"
     assert shown_command("normlab sweep --out runs/sweep") == "normlab sweep --out runs/sweep"
+    # a long command breaks before its options, each with its values, to fit 80 columns
+    long = ("normlab remedies --dataset fashion-mnist --model examples/resnet.py:resnet "
+            "--model-arg depth=8 --variants bn brn evob0 --references gn gn+ws ln+ws frn "
+            "evos0 --images-per-statistic 2 128 --jobs 2 --no-progress --out '/w/my runs'")
+    shown = shown_command(long)
+    lines = shown.split(" \\\n")
+    assert len(lines) > 1 and all(len(line) <= 78 for line in lines)
+    assert all(line.startswith("    --") for line in lines[1:])
+    assert shlex.split(shown.replace("\\\n", "")) == \
+        shlex.split(long.replace("'/w/my runs'", "OUTDIR"))
     report = (COMMITTED / "report.md").read_text()
     assert "/work/" not in report and "--out OUTDIR" in report
 

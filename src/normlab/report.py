@@ -103,14 +103,28 @@ def reproduce_heading(record: dict[str, Any]) -> list[str]:
     return ["## Reproduce", "", "```", shown_command(record["command"]), "```", ""]
 
 
-def shown_command(command: str) -> str:
+def shown_command(command: str, width: int = 80) -> str:
     """``command`` as a reader can run it: an absolute ``--out`` folder, which names the
-    machine that made the record, becomes ``OUTDIR``; relative folders stay."""
+    machine that made the record, becomes ``OUTDIR``; relative folders stay. Lines longer
+    than ``width`` break before an option, with a shell continuation, so that the code
+    block fits the page's column."""
     words = shlex.split(command)
     for i, word in enumerate(words[:-1]):
         if word == "--out" and Path(words[i + 1]).is_absolute():
             words[i + 1] = "OUTDIR"
-    return shlex.join(words)
+    groups: list[str] = []  # the program, then each option with its values
+    for word in map(shlex.quote, words):
+        if groups and not word.startswith("--"):
+            groups[-1] += f" {word}"
+        else:
+            groups.append(word)
+    lines = [groups[0]]
+    for group in groups[1:]:
+        if len(lines[-1]) + 1 + len(group) > width - 2:  # room for " \\"
+            lines.append("    " + group)
+        else:
+            lines[-1] += f" {group}"
+    return " \\\n".join(lines)
 
 
 def parallel_line(record: dict[str, Any]) -> str:

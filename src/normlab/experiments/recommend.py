@@ -443,10 +443,6 @@ def run_seconds(record: dict[str, Any], variant: str) -> float:
     return sum(times) / len(times) if times else 0.0
 
 
-
-
-
-
 def render_report(record: dict[str, Any]) -> str:
     cfg = record["config"]
     ips = cfg["images_per_statistic"][0]
@@ -456,7 +452,9 @@ def render_report(record: dict[str, Any]) -> str:
                   f"{cfg['looks'][0]} seeds.", ""]
         return "\n".join(lines + provenance_lines(record)) + "\n"
     last = record["decisions"][-1]
-    errors = {o: list(e.values()) for o, e in options_of(record).items()}
+    # The seeds the last look decided on: seeds trained since wait for the next look.
+    errors = {o: [x for seed, x in sorted(e.items()) if int(seed) <= last["seeds"]]
+              for o, e in options_of(record).items()}
     lines += [answer(last, errors, cfg, record.get("stopped")), ""]
     lines += ["## The decision", ""]
     lines += decision_table(last, errors, cfg["alpha"], record["runs"], ips)

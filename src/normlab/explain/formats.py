@@ -57,12 +57,12 @@ def format_text(x: torch.Tensor, groups: int = GROUPS, seed: int | None = None) 
             lines += ["", f"Layer {number}, {key} ({t.name}): one mean and variance "
                       f"{t.describe()}; {len(sets)} sets of {len(sets[0].values)} values"]
             for s in sets:
-                lines.append(f"  set {s.label}: {s.describe()}: mean = {s.mean:.6f}, "
-                             f"variance = {s.variance:.6f}")
+                lines += [f"  set {s.label}: {s.describe()}",  # lines fit 80 columns
+                          f"    mean = {s.mean:.6f}, variance = {s.variance:.6f}"]
                 for start in range(0, len(s.members), h * w):  # one feature map per line
                     mn, mc = s.members[start][:2]
                     values = " ".join(f"{_num(v):>2}" for v in s.values[start:start + h * w])
-                    outputs = " ".join(f"{v:10.6f}" for v in s.normalised[start:start + h * w])
+                    outputs = " ".join(f"{v:9.6f}" for v in s.normalised[start:start + h * w])
                     lines.append(f"    x[n={mn}, c={mc}] = {values}  ->  y = {outputs}")
     return "\n".join(lines) + "\n"
 
