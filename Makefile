@@ -47,6 +47,7 @@ test: $(VENV)/.installed-dev  ## lint, then the whole test suite
 docs: $(VENV)/.installed-docs  ## the documentation site into site/ (strict: any warning fails)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 	$(BIN)/python docs/check_site.py
+	$(BIN)/python docs/check_browser.py  # every page in headless Chromium, where installed
 
 docs-serve: $(VENV)/.installed-docs  ## the site at http://127.0.0.1:8000, rebuilt on edits
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
