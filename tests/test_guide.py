@@ -36,3 +36,16 @@ def test_no_page_calls_not_shown_different_the_same():
     pages = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
     found = [f"{p.name}: {m.group(0)}" for p in pages for m in words.finditer(p.read_text())]
     assert not found, found
+
+
+def test_the_citation_page_cites_the_version_citation_cff_and_the_package_name():
+    """The BibTeX on the citation page is written by hand: its version must be the one
+    CITATION.cff and the package declare."""
+    import re
+
+    import normlab
+
+    page = (ROOT / "docs" / "citation.md").read_text()
+    cff = (ROOT / "CITATION.cff").read_text()
+    cited = re.search(r"version = \{([^}]+)\}", page).group(1)
+    assert cited == re.search(r"^version: (\S+)", cff, re.M).group(1) == normlab.__version__
