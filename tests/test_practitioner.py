@@ -27,7 +27,7 @@ from normlab.data import DataError, load_data
 from normlab.errors import UsageError
 from normlab.modelspec import outputs_of
 from normlab.normact import EvoNorm2dB0, FilterResponseNorm2d, NormAct
-from test_datasets import write_npz
+from test_data_formats import write_npz
 
 # -- norm-act layers (timm's BatchNormAct2d, GroupNormAct): ours, built as timm builds them
 

@@ -20,7 +20,7 @@ from normlab import runner
 from normlab.cli import main
 from normlab.experiments import decision
 from normlab.experiments import recommend as rec
-from test_datasets import write_npz
+from test_data_formats import write_npz
 
 NET = '''
     from torch import nn

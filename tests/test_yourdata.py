@@ -16,7 +16,7 @@ from conftest import finish, free_port, launch
 from normlab import runner
 from normlab.cli import main
 from normlab.evaluate import evaluate_files
-from test_datasets import write_npz
+from test_data_formats import write_npz
 
 MODELS = '''
     from torch import nn

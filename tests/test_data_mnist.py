@@ -1,3 +1,7 @@
+"""MNIST as IDX files: reading and checking them (magic numbers, sizes, published checksums),
+the download path against a local fake server, the loaders built from them, and the errors
+missing or corrupt files give."""
+
 import gzip
 import hashlib
 import socket
