@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.experiments.decision import REPORT_MARGIN, decisions, label
+from normlab.experiments.recommend import options_of
 from normlab.experiments.remedies import errors_by_size, reference_errors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,10 @@ NETWORKS = [
     ("small CNN, MNIST", "results/remedies/mnist/remedies.json"),
 ]
 SIZES = (2, 128)  # the sizes every network has; 4, 8 and 32 are in the reports
+# Where normlab recommend added seeds to a network at a size (sequentially, seeds 1-3 taken
+# from the remedies record), its last look's decision replaces the remedies record's.
+RECOMMEND = {("ResNet-8, Fashion-MNIST", 2): "results/recommend/resnet8-2/recommend.json",
+             ("ResNet-8, Fashion-MNIST", 128): "results/recommend/resnet8-128/recommend.json"}
 LONG = ("<!-- decisions:start (tools/guide.py writes this block) -->", "<!-- decisions:end -->")
 SHORT = ("<!-- short:start (tools/guide.py writes this block) -->", "<!-- short:end -->")
 PAGES = {"docs/guide.md": LONG, "README.md": SHORT, "docs/index.md": SHORT}
@@ -35,9 +40,26 @@ def load() -> list[tuple[str, dict[int, tuple[dict[str, Any], dict[str, list[flo
     measured = []
     for name, path in NETWORKS:
         record = json.loads((ROOT / path).read_text())
-        measured.append((name, decisions(record, errors_by_size(record),
-                                         reference_errors(record))))
+        found = decisions(record, errors_by_size(record), reference_errors(record))
+        for size in SIZES:
+            extended = ROOT / RECOMMEND.get((name, size), "none")
+            if extended.is_file():
+                found[size] = last_look(json.loads(extended.read_text()))
+        measured.append((name, found))
     return measured
+
+
+def last_look(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """A recommend record's last decision and the errors of the seeds it decided on."""
+    last = record["decisions"][-1]
+    return last, {o: [x for seed, x in e.items() if int(seed) <= last["seeds"]]
+                  for o, e in options_of(record).items()}
+
+
+def seeds(found: dict[int, tuple[dict[str, Any], dict[str, list[float]]]]) -> str:
+    """The seeds behind a network's column: "3", or "3-8" where options got more."""
+    counts = sorted({len(e) for _, errors in found.values() for e in errors.values()})
+    return f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
 def cell(last: dict[str, Any], option: str) -> str:
@@ -57,8 +79,7 @@ def cell(last: dict[str, Any], option: str) -> str:
 
 
 def long_block(measured: list) -> str:
-    heads = [f"{name} ({len(next(iter(d[SIZES[0]][1].values())))} seeds)"
-             for name, d in measured]
+    heads = [f"{name} ({seeds(d)} seeds)" for name, d in measured]
     lines = []
     for size in SIZES:
         options = [o for o in measured[0][1][size][0]["verdicts"]]
