@@ -56,10 +56,12 @@ CHECKS: dict[str, tuple[str, list[str], list[str]]] = {
                  ["results/statistics/two-processes/metrics.json"]),
     "resnet8": (RESNET_BASE, ["remedies", *RESNET, "--variants", "bn", "evob0", "brn",
                               "--images-per-statistic", "2", "--references", "gn+ws", "frn",
-                              "evos0"], ["results/remedies/resnet8/remedies.json"]),
+                              "evos0"], ["results/remedies/resnet8/remedies.json",
+                                         "results/recommend/resnet8-2/recommend.json"]),
     "resnet8-128": (RESNET_BASE, ["remedies", *RESNET, "--variants", "bn",
                                   "--images-per-statistic", "128", "--references", "gn",
-                                  "ln+ws"], ["results/remedies/resnet8/remedies.json"]),
+                                  "ln+ws"], ["results/remedies/resnet8/remedies.json",
+                                             "results/recommend/resnet8-2/recommend.json"]),
 }
 SEEDED = ("--seeds",)  # checks that name their own seeds; the others run seed 1
 
