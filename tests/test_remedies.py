@@ -230,6 +230,11 @@ def test_a_report_shows_no_folder_of_the_machine_that_made_it():
         shlex.split(long.replace("'/w/my runs'", "OUTDIR"))
     report = (COMMITTED / "report.md").read_text()
     assert "/work/" not in report and "--out OUTDIR" in report
+    # a --model file is recorded absolute; the report shows it from the rendering folder
+    from normlab.report import local
+
+    assert local(f"{Path.cwd() / 'examples' / 'resnet.py'}:resnet") == "examples/resnet.py:resnet"
+    assert local("/elsewhere/net.py:net") == "/elsewhere/net.py:net"
 
 
 def test_report_add_refuses_a_folder_it_cannot_extend_in_one_line(tmp_path, capsys):

@@ -9,6 +9,7 @@ experiment's own report lives with it in ``normlab.experiments``.
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,13 @@ def shown_command(command: str, width: int = 80) -> str:
     return " \\\n".join(lines)
 
 
+def local(text: str) -> str:
+    """``text`` with the folder it is rendered from left out of its paths: a record keeps
+    a ``--model`` file's absolute path (so that any folder can resume it), which names the
+    machine; a report run from the checkout shows ``examples/resnet.py``."""
+    return text.replace(f"{Path.cwd()}{os.sep}", "")
+
+
 def parallel_line(record: dict[str, Any]) -> str:
     """How the runs were spread over processes (older records: one process), and how the
     runs of a resume that trained differently were."""
@@ -157,8 +165,8 @@ def provenance_lines(record: dict[str, Any], today: str | None = None) -> list[s
     parallelism and versions the record was made with."""
     env = record["environment"]
     # An extended record (report --add) keeps the configuration its own command ran with.
-    config = ", ".join(f"{k}={v}"
-                       for k, v in record.get("config_as_run", record["config"]).items())
+    config = local(", ".join(f"{k}={v}" for k, v in
+                             record.get("config_as_run", record["config"]).items()))
     lines = reproduce_heading(record)
     if today is not None:
         lines += ["The command as run; normlab's defaults have changed since, and today the "
@@ -230,8 +238,8 @@ def protocol(cfg: dict[str, Any]) -> str:
     if "model" in cfg:  # a network of the user's (--model)
         model = cfg["model"]
         args = ", ".join(f"{k}={v}" for k, v in model.get("args", {}).items())
-        network = (f"; the network {model['spec']}({args}), its norms converted to each "
-                   f"variant's")
+        network = (f"; the network {local(model['spec'])}({args}), its norms converted to "
+                   f"each variant's")
     return (f"global batch {cfg['batch_size']}, peak learning rate {cfg['lr']} (one-cycle with "
             f"warm-up), {cfg['epochs']} epoch(s) = {steps:,} steps over "
             f"{cfg['train_images']:,} {cfg['dataset']} images, the same data order and "
