@@ -166,7 +166,8 @@ def test_a_user_model_runs_records_resumes_and_evaluates(tiny_mnist, tmp_path, c
     assert record["variants"]["gn"]["params"] == 274
     # The report's command is the one that ran: the model's description is no option value.
     report = (out / "report.md").read_text()
-    assert f"--model {models}:small --model-arg width=12" in report
+    command = report.replace(" \\\n    ", " ")  # as a shell reads its continued lines
+    assert f"--model {models}:small --model-arg width=12" in command
     assert "defaults have changed" not in report
     rows = evaluate_files([out / "gn-seed1.safetensors"], ["running"], CPU,
                           data_dir=str(tiny_mnist[1]))
