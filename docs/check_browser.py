@@ -24,8 +24,14 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-ROOT = Path(__file__).resolve().parents[1]
-SITE = ROOT / "site"
+from check_site import SITE, pages  # the same pages the static checks read
+
+try:
+    from playwright.sync_api import Error, sync_playwright
+except ImportError:  # main() says so and skips
+    sync_playwright = None
+    Error = Exception
+
 WIDTHS = (1280, 390)
 
 # What overflows, measured in the page: Material wraps each table in a scrolling
@@ -63,8 +69,7 @@ RENDERED = """() => [...document.querySelectorAll(".arithmatex")]
                     .every((formula) => formula.querySelector(".katex"))"""
 
 
-def page_problems(browser, page_path: Path, Error: type[Exception]
-                  ) -> tuple[list[str], list[str]]:
+def page_problems(browser, page_path: Path) -> tuple[list[str], list[str]]:
     """Every problem of one page, at each width, and its figures shown too small."""
     problems: list[str] = []
     small: list[str] = []
@@ -100,14 +105,12 @@ def page_problems(browser, page_path: Path, Error: type[Exception]
                                  f"{image['drawn']} px ({image['shown'] / image['drawn']:.0%})")
         elif seen["page"] > seen["screen"] + 1:
             note(f"at {width} px the page is {seen['page'] - seen['screen']} px "
-                            f"wider than the screen")
+                 f"wider than the screen")
     return list(dict.fromkeys(problems)), list(dict.fromkeys(small))
 
 
 def main() -> int:
-    try:
-        from playwright.sync_api import Error, sync_playwright
-    except ImportError:
+    if sync_playwright is None:
         print("check_browser: skipped: playwright is not installed (pip install playwright)")
         return 0
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") \
@@ -115,9 +118,8 @@ def main() -> int:
     if chromium is None:
         print("check_browser: skipped: no Chromium (apt-get install chromium, or set CHROMIUM)")
         return 0
-    pages = sorted(p for p in SITE.rglob("*.html")
-                   if "search" not in p.parts and p.name != "404.html")
-    if not pages:
+    found_pages = pages()
+    if not found_pages:
         print("check_browser: no site/ to check: run mkdocs build first", file=sys.stderr)
         return 1
     found = 0
@@ -128,15 +130,15 @@ def main() -> int:
             print(f"check_browser: skipped: Chromium does not start ({str(exc).splitlines()[0]})")
             return 0
         small = 0
-        for path in pages:
-            problems, too_small = page_problems(browser, path, Error)
+        for path in found_pages:
+            problems, too_small = page_problems(browser, path)
             for problem in problems:
                 print(f"{path.relative_to(SITE)}: {problem}")
             for figure in too_small:
                 print(f"{path.relative_to(SITE)}: warning: figure {figure}")
             found, small = found + len(problems), small + len(too_small)
         browser.close()
-    print(f"check_browser: {len(pages)} pages at {' and '.join(map(str, WIDTHS))} px, "
+    print(f"check_browser: {len(found_pages)} pages at {' and '.join(map(str, WIDTHS))} px, "
           f"{found} problem(s); {small} figure(s) shown below half their pixel width, "
           f"whose labels are then too small to read (a warning until every figure is "
           f"drawn for the text column)")

@@ -42,9 +42,9 @@ def load() -> list[tuple[str, dict[int, tuple[dict[str, Any], dict[str, list[flo
         record = json.loads((ROOT / path).read_text())
         found = decisions(record, errors_by_size(record), reference_errors(record))
         for size in SIZES:
-            extended = ROOT / RECOMMEND.get((name, size), "none")
-            if extended.is_file():
-                found[size] = last_look(json.loads(extended.read_text()))
+            extended = RECOMMEND.get((name, size))
+            if extended is not None and (ROOT / extended).is_file():  # once it is committed
+                found[size] = last_look(json.loads((ROOT / extended).read_text()))
         measured.append((name, found))
     return measured
 
