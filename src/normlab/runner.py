@@ -12,6 +12,7 @@ experiments live in ``normlab.experiments``, one module each, and this module im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import multiprocessing
@@ -148,7 +149,8 @@ def run_parallel(runs: list[Run], experiment: Experiment, s: Settings, data: Dat
         for future in pending:
             future.cancel()
         for child in multiprocessing.active_children():  # a busy worker saves and stops
-            os.kill(child.pid, signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):  # it may have ended since listed
+                os.kill(child.pid, signal.SIGINT)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
